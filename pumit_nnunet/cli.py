@@ -1,0 +1,54 @@
+"""The ``pumit-nnunet`` console command.
+
+Each subcommand lives in the module of the layer it belongs to; that module exposes
+``register(subparsers) -> None``, which adds one sub-parser and sets ``func=handler`` on it, where
+``handler(args) -> int`` returns the exit code. Registration modules keep heavy imports (torch, nnU-Net)
+inside their handlers so that ``pumit-nnunet --help`` stays fast.
+nnU-Net's own commands (``nnUNetv2_train`` and friends) stay nnU-Net's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+#: subcommand registration modules, in the order ``--help`` lists them
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "pumit_nnunet.nnunet.cli",  # plan, env
+    "pumit_nnunet.checkpoints.cli",  # weights
+    "pumit_nnunet.corpus.cli",  # corpus
+    "pumit_nnunet.pretrain.cli",  # pretrain
+    "pumit_nnunet.evaluation.cli",  # evaluate, convert, export, medmnist, label-efficiency
+    "pumit_nnunet.demo",  # demo
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pumit_nnunet import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="pumit-nnunet",
+        description="PUMIT inside nnU-Net v2. Train and predict with the stock nnUNetv2_* commands "
+        "(-tr PumitTrainer); this command covers planning, weights, the pre-training corpus, pre-training, "
+        "evaluation, challenge export and the demo.",
+    )
+    parser.add_argument("--version", action="version", version=f"pumit-nnunet {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in SUBCOMMAND_MODULES:
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

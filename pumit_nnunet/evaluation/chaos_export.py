@@ -1,0 +1,95 @@
+"""CHAOS MR submission: ``Task{3,5}/MR/<id>/{T1DUAL|T2SPIR}/Results/<dcm_stem>.png``, zipped.
+
+One 8-bit grey PNG per DICOM slice, named after the slice's DICOM file so that the PNGs sort like the DICOM files
+(the evaluator pairs them by sorted order), with the DICOM pixel array's rows x columns. Task 5 holds all organs
+(63/126/189/252), Task 3 the liver only (63). The layout follows the challenge's submission template as used by
+nnU-Net v1 and PUMIT (reconstructed from code; see ``shared/reference/nnunet-integration.md`` §6.3).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from pumit_nnunet.evaluation.chaos import ORDER_SIDECAR, labels_to_png, png_to_labels, read_png_stack
+from pumit_nnunet.evaluation.files import atomic_path, check_same_geometry, read_image
+
+TASKS: tuple[int, ...] = (3, 5)
+
+
+def load_order(dataset_dir: Path) -> dict[str, dict[str, Any]]:
+    path = Path(dataset_dir) / ORDER_SIDECAR
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: convert the dataset with 'pumit-nnunet convert chaos' first")
+    return json.loads(path.read_text())
+
+
+def result_dir(task: int, entry: dict[str, Any]) -> str:
+    """Folder of one case's PNGs inside the submission."""
+    return f"Task{task}/MR/{entry['patient_id']}/{entry['sequence']}/Results"
+
+
+def png_bytes(grey: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(grey, dtype=np.uint8), mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def prediction_slices(pred_path: Path, reference_image: Path, entry: dict[str, Any]) -> np.ndarray:
+    """The predicted label volume (k, rows, cols), checked against the case's grid and DICOM slice list."""
+    import SimpleITK as sitk
+
+    prediction = read_image(pred_path)
+    check_same_geometry(prediction, read_image(reference_image), str(pred_path))
+    labels = sitk.GetArrayFromImage(prediction)
+    expected = (len(entry["dicom_files"]), entry["rows"], entry["cols"])
+    if labels.shape != expected:
+        raise ValueError(f"{pred_path}: shape {labels.shape} is not (slices, rows, cols) = {expected}")
+    return labels
+
+
+def export_chaos(
+    pred_dir: Path | str,
+    dataset_dir: Path | str,
+    out_zip: Path | str,
+    tasks: Sequence[int] = TASKS,
+    split: str = "test",
+) -> list[str]:
+    """Zip the submission for every case of ``split`` ("test", "train" or "all"); returns the case names."""
+    pred_dir, dataset_dir = Path(pred_dir), Path(dataset_dir)
+    order = load_order(dataset_dir)
+    cases = {name: e for name, e in order.items() if split == "all" or e["split"] == split}
+    if not cases:
+        raise ValueError(f"{dataset_dir / ORDER_SIDECAR}: no {split} cases")
+    if unknown := sorted(set(tasks) - set(TASKS)):
+        raise ValueError(f"unknown CHAOS tasks {unknown}: MR tasks are 3 and 5")
+    missing = sorted(name for name in cases if not (pred_dir / f"{name}.nii.gz").is_file())
+    if missing:
+        raise FileNotFoundError(f"{pred_dir}: no prediction for {', '.join(missing)}")
+    with atomic_path(out_zip) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, entry in sorted(cases.items()):
+            images = "imagesTr" if entry["split"] == "train" else "imagesTs"
+            labels = prediction_slices(pred_dir / f"{name}.nii.gz", dataset_dir / images / f"{name}_0000.nii.gz", entry)
+            for task in tasks:
+                for arcname, grey in _task_pngs(task, entry, labels):
+                    archive.writestr(arcname, png_bytes(grey))
+    return sorted(cases)
+
+
+def _task_pngs(task: int, entry: dict[str, Any], labels: np.ndarray) -> Iterable[tuple[str, np.ndarray]]:
+    folder = result_dir(task, entry)
+    for dicom_name, label_slice in zip(entry["dicom_files"], labels):
+        yield f"{folder}/{Path(dicom_name).stem}.png", labels_to_png(label_slice, liver_only=task == 3)
+
+
+def read_submission_case(submission_dir: Path | str, task: int, entry: dict[str, Any]) -> np.ndarray:
+    """Label volume of one case read back from an (unzipped) submission, in PNG file-name order."""
+    grey, _ = read_png_stack(Path(submission_dir) / result_dir(task, entry))
+    return png_to_labels(grey, f"{submission_dir}/{result_dir(task, entry)}")

@@ -1,0 +1,178 @@
+"""nnU-Net glue: the base trainer that runs the PUMIT segmentation network inside the stock nnU-Net loop.
+
+It only overrides nnU-Net's hooks and delegates to the library: plans adaptation (:mod:`pumit_nnunet.nnunet.plans`),
+the network (:class:`pumit_nnunet.models.segmentation.PumitSegNet`), the optimiser and schedule
+(:mod:`pumit_nnunet.optim`) and pre-trained weights (:mod:`pumit_nnunet.nnunet.pretrained`).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from torch import nn
+
+from pumit_nnunet.nnunet.plans import PUMIT_NETWORK, adapt_configuration
+from pumit_nnunet.optim import WarmupDecaySchedule, build_adamw
+
+__all__ = ["PumitTrainerBase"]
+
+
+def _unwrap(network: nn.Module) -> nn.Module:
+    network = getattr(network, "module", network)  # DDP
+    return getattr(network, "_orig_mod", network)  # torch.compile
+
+
+def _has_pretrained_module() -> bool:  # TEMPORARY until pumit_nnunet.nnunet.pretrained lands
+    import importlib.util
+
+    return importlib.util.find_spec("pumit_nnunet.nnunet.pretrained") is not None
+
+
+class PumitTrainerBase(nnUNetTrainer):
+    """Common behaviour of every PUMIT trainer; subclasses set the class attributes below (a few lines each).
+
+    Class attributes:
+        vit_size: ViT preset (``T``, ``S``, ``B``, ``L``).
+        pumit_epochs / pumit_iterations / pumit_val_iterations: schedule length (PUMIT fine-tunes 50k steps).
+        warmup_fraction: share of all iterations spent in linear warm-up (PUMIT: 5k of 50k).
+        patch_cap: per-axis upper bound on the (token-aligned) patch size, for small machines.
+        batch_size_override: replaces the plan's batch size.
+        grad_clip: gradient-norm clipping.
+        arch_overrides: further network keyword arguments written into the plans (e.g. decoder channels).
+        test_time_mirroring: allow nnU-Net's mirroring test-time augmentation at prediction.
+    """
+
+    vit_size: ClassVar[str] = "B"
+    pumit_epochs: ClassVar[int] = 200
+    pumit_iterations: ClassVar[int] = 250
+    pumit_val_iterations: ClassVar[int] = 50
+    warmup_fraction: ClassVar[float] = 0.1
+    patch_cap: ClassVar[Sequence[int] | None] = None
+    batch_size_override: ClassVar[int | None] = None
+    base_lr: ClassVar[float] = 1e-4
+    base_weight_decay: ClassVar[float] = 0.05
+    grad_clip: ClassVar[float] = 1.0
+    arch_overrides: ClassVar[dict[str, Any] | None] = None
+    test_time_mirroring: ClassVar[bool] = True
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        # nnU-Net pops this in its constructor; on --c the checkpoint's weights win over pre-trained ones
+        self.is_continuation = bool(plans.get("continue_training", False))
+        adapt_configuration(plans, configuration, self.vit_size, self.patch_cap, self.batch_size_override, self.arch_overrides)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = self.base_lr
+        self.weight_decay = self.base_weight_decay
+        self.num_epochs = self.pumit_epochs
+        self.num_iterations_per_epoch = self.pumit_iterations
+        self.num_val_iterations_per_epoch = self.pumit_val_iterations
+        self.enable_deep_supervision = True
+        self._pretrained_route()
+
+    # -- network ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
+        name = configuration_manager.network_arch_class_name
+        if name != PUMIT_NETWORK:
+            raise ValueError(
+                f"the plans configuration describes {name!r}, not the PUMIT network; PUMIT trainers adapt stock plans "
+                "when they start training, so train with -tr PumitTrainer (or a variant) before predicting with it"
+            )
+        return get_network_from_plans(name, configuration_manager.network_arch_init_kwargs,
+                                      configuration_manager.network_arch_init_kwargs_req_import, num_input_channels,
+                                      num_output_channels, allow_init=True, deep_supervision=enable_deep_supervision)
+
+    def _get_deep_supervision_scales(self):
+        if not self.enable_deep_supervision:
+            return None
+        from pumit_nnunet.models.segmentation import deep_supervision_scales
+
+        kwargs = self.configuration_manager.network_arch_init_kwargs
+        return deep_supervision_scales(len(kwargs["patch_size"]), kwargs["aniso_d"])
+
+    def initialize(self):
+        if self.was_initialized:
+            return
+        super().initialize()
+        if not self.is_continuation and _has_pretrained_module():
+            from pumit_nnunet.nnunet.pretrained import load_pretrained_from_plans
+
+            load_pretrained_from_plans(self)
+
+    def _pretrained_route(self) -> None:
+        if not _has_pretrained_module():
+            return
+        from pumit_nnunet.nnunet.pretrained import install_pretrained_weights_route
+
+        install_pretrained_weights_route()
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        rotation, do_dummy_2d, initial_patch, mirror_axes = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        if not self.test_time_mirroring:
+            self.inference_allowed_mirroring_axes = None
+        return rotation, do_dummy_2d, initial_patch, mirror_axes
+
+    # -- optimisation -------------------------------------------------------------------------------------------
+    @property
+    def total_iterations(self) -> int:
+        return self.num_epochs * self.num_iterations_per_epoch
+
+    def configure_optimizers(self):
+        optimizer = build_adamw(_unwrap(self.network), self.initial_lr, self.weight_decay)
+        warmup = int(round(self.warmup_fraction * self.total_iterations))
+        return optimizer, WarmupDecaySchedule(optimizer, warmup, self.total_iterations, kind="poly")
+
+    def on_train_epoch_start(self):
+        # the schedule is stepped per iteration (nnU-Net's steps per epoch and flattens the groups' lrs)
+        self.network.train()
+        self._iteration = self.current_epoch * self.num_iterations_per_epoch
+        self.lr_scheduler.set_step(self._iteration)
+        self.print_to_log_file("")
+        self.print_to_log_file(f"Epoch {self.current_epoch}")
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.print_to_log_file(f"Current learning rate: {np.round(lr, decimals=7)}")
+        self.logger.log("lrs", lr, self.current_epoch)
+
+    def _autocast(self):
+        if self.device.type != "cuda":
+            return nullcontext()
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+
+    def train_step(self, batch: dict) -> dict:
+        self.lr_scheduler.set_step(getattr(self, "_iteration", 0))
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) else target.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            loss = self.loss(self.network(data), target)
+        use_scaler = self.grad_scaler is not None and not torch.cuda.is_bf16_supported()
+        if use_scaler:  # fp16 only; bf16 needs no loss scaling
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
+        if use_scaler:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+        self._iteration = getattr(self, "_iteration", 0) + 1
+        return {"loss": loss.detach().cpu().numpy()}
+
+    # -- checkpoints --------------------------------------------------------------------------------------------
+    def save_checkpoint(self, filename: str) -> None:
+        # nnU-Net writes in place; an interruption mid-write would destroy the last good checkpoint
+        tmp = f"{filename}.tmp-{os.getpid()}"
+        super().save_checkpoint(tmp)
+        if os.path.isfile(tmp):
+            os.replace(tmp, filename)

@@ -1,0 +1,103 @@
+"""PUMIT trainers for nnU-Net (``-tr NAME``); each is a few lines on top of :class:`PumitTrainerBase`.
+
+Sizes: ``PumitTrainer`` (ViT-B, the released size), ``PumitTrainer_L``, ``PumitTrainer_S`` (CPUs, laptops) and
+``PumitTrainer_T`` (tests). Schedules: the default is PUMIT's 50k iterations (200 epochs x 250); ``_5epochs``,
+``_50epochs`` shorten it; ``_smoke`` runs 1 epoch of 2 iterations on a small patch, to check a set-up.
+"""
+
+from __future__ import annotations
+
+from pumit_nnunet.nnunet.trainer_base import PumitTrainerBase
+
+__all__ = [
+    "PumitTrainer", "PumitTrainer_L", "PumitTrainer_S", "PumitTrainer_T",
+    "PumitTrainer_5epochs", "PumitTrainer_50epochs", "PumitTrainer_L_5epochs", "PumitTrainer_S_5epochs",
+    "PumitTrainer_S_50epochs", "PumitTrainer_S_smoke", "PumitTrainer_T_smoke", "PumitTrainer_T_smoke_2epochs",
+    "PumitTrainer_T_demo",
+]
+
+
+class PumitTrainer(PumitTrainerBase):
+    """ViT-B backbone (768/12/12), the size of the released PUMIT weights."""
+
+    vit_size = "B"
+
+
+class PumitTrainer_L(PumitTrainerBase):
+    """ViT-L backbone (1024/24/16), blocks 7/11/15/23 feed the neck."""
+
+    vit_size = "L"
+
+
+class PumitTrainer_S(PumitTrainerBase):
+    """ViT-S backbone (384/12/6), for CPUs and laptops."""
+
+    vit_size = "S"
+
+
+class PumitTrainer_T(PumitTrainerBase):
+    """Tiny ViT (128/4/2) with a slim decoder, for tests and quick checks."""
+
+    vit_size = "T"
+    arch_overrides = {"lateral_channels": [32, 64, 128, 128], "fullres_channels": [16, 32]}
+
+
+class PumitTrainer_5epochs(PumitTrainer):
+    pumit_epochs = 5
+
+
+class PumitTrainer_50epochs(PumitTrainer):
+    pumit_epochs = 50
+
+
+class PumitTrainer_L_5epochs(PumitTrainer_L):
+    pumit_epochs = 5
+
+
+class PumitTrainer_S_5epochs(PumitTrainer_S):
+    pumit_epochs = 5
+
+
+class PumitTrainer_S_50epochs(PumitTrainer_S):
+    pumit_epochs = 50
+
+
+class _Smoke:
+    """One epoch of two iterations on a patch of at most 32x64x64 with batch 2, no test-time mirroring:
+    checks a set-up end to end in CPU-seconds."""
+
+    pumit_epochs = 1
+    pumit_iterations = 2
+    pumit_val_iterations = 1
+    patch_cap = (32, 64, 64)
+    batch_size_override = 2
+    test_time_mirroring = False
+
+
+class PumitTrainer_S_smoke(_Smoke, PumitTrainer_S):
+    pass
+
+
+class PumitTrainer_T_smoke(_Smoke, PumitTrainer_T):
+    pass
+
+
+class PumitTrainer_T_smoke_2epochs(_Smoke, PumitTrainer_T):
+    """Two smoke epochs with a checkpoint after each: exercises ``--c`` (resume)."""
+
+    pumit_epochs = 2
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.save_every = 1
+
+
+class PumitTrainer_T_demo(PumitTrainer_T):
+    """The demo's CPU schedule: 10 epochs of 10 iterations on a patch of at most 32x64x64."""
+
+    pumit_epochs = 10
+    pumit_iterations = 10
+    pumit_val_iterations = 2
+    patch_cap = (32, 64, 64)
+    batch_size_override = 2
+    test_time_mirroring = False

@@ -1,0 +1,85 @@
+"""Atomic, ``weights_only``-loadable training checkpoints and the RNG state needed for exact resume.
+
+Everything stored is tensors, numbers, strings, lists, tuples and dicts, so ``torch.load(weights_only=True)``
+reads it: no pickled classes, and a checkpoint can never run code on load.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["save_checkpoint_atomic", "load_checkpoint", "capture_rng_state", "restore_rng_state"]
+
+
+def save_checkpoint_atomic(path: str | os.PathLike, state: dict) -> None:
+    """Write ``state`` with ``torch.save`` to a temp file beside ``path``, then ``os.replace`` it into place.
+
+    A crash mid-write leaves the previous checkpoint intact (``os.replace`` is atomic within one folder).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint with ``weights_only=True``; raise ``FileNotFoundError``/``ValueError`` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # truncated zip, wrong format, pickled classes, ...
+        raise ValueError(f"checkpoint {path} cannot be read (truncated or not a weights-only torch file): {error}") from error
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
+    return state
+
+
+def _numpy_state_to_plain(state: tuple) -> dict:
+    name, keys, pos, has_gauss, cached = state
+    return {"name": name, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def _numpy_state_from_plain(state: dict) -> tuple:
+    keys = state["keys"].numpy().astype(np.uint32)
+    return (state["name"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"])
+
+
+def capture_rng_state() -> dict:
+    """Python, NumPy, torch CPU and (when present) every CUDA generator, as weights-only-safe plain types."""
+    version, internal, gauss = random.getstate()
+    state = {
+        "python": {"version": version, "state": list(internal), "gauss": gauss},
+        "numpy": _numpy_state_to_plain(np.random.get_state()),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Inverse of :func:`capture_rng_state` (CUDA states are restored only when this process has as many GPUs)."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    np.random.set_state(_numpy_state_from_plain(state["numpy"]))
+    torch.set_rng_state(state["torch"].cpu())
+    cuda_states = state.get("cuda")
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
