@@ -88,8 +88,6 @@ def _time(fn, device, warmup: int, iters: int) -> tuple[float, float]:
 
 def _mim_trainer(args, device, workdir: str):
     """A real MIMTrainer (the exact training step) on ViT-B with a randomly initialised base tokenizer."""
-    import torch
-
     from pumit_nnunet.checkpoints.format import save_pumit_checkpoint
     from pumit_nnunet.models.tokenizer import UniversalTokenizer, tokenizer_config
     from pumit_nnunet.pretrain.distributed import DistInfo
@@ -130,7 +128,7 @@ def run_mim(args, device) -> dict:
     def forward_loss():
         with autocast_context(device, args.precision):
             logits = model(vit_in, aniso_d, mask)
-        return model.objective(logits, target, mask)["loss"]
+        return model.objective(logits, target, mask).loss
 
     def forward_backward():
         model.zero_grad(set_to_none=True)
@@ -175,7 +173,8 @@ def _child(args) -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
     result = run_mim(args, device) if args.only == "mim" else run_timm(args, device)
-    result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({threads} threads)"
     print("RESULT " + json.dumps(result))
 
 
@@ -198,16 +197,17 @@ def report(args, ours: dict, ref: dict) -> None:
     mb = 2.0**20
     print(f"device: {ours['device']}; ViT-{args.vit}, batch {args.batch}, tokens {'x'.join(map(str, TOKEN_GRID))}, "
           f"precision {args.precision if 'cpu' not in ours['device'] else 'fp32 (CPU)'}")
-    print(f"reference: timm EVA-02-{args.vit} forward+backward at {TIMM_IMAGE} = {ref['tokens'] // args.batch} tokens: "
-          f"{ref['fwd_bwd_s'] * 1e3:.1f} ms, peak +{ref['fwd_bwd_mem'] / mb:.0f} MiB")
-    print(f"MIM forward+backward / timm EVA-02 forward+backward, time:   {ours['fwd_bwd_s'] / ref['fwd_bwd_s']:.3f} "
+    print(f"reference: timm EVA-02-{args.vit} forward+backward at {TIMM_IMAGE} = {ref['tokens'] // args.batch} "
+          f"tokens: {ref['fwd_bwd_s'] * 1e3:.1f} ms, peak +{ref['fwd_bwd_mem'] / mb:.0f} MiB")
+    time_ratio, memory_ratio = ours["fwd_bwd_s"] / ref["fwd_bwd_s"], ours["fwd_bwd_mem"] / ref["fwd_bwd_mem"]
+    print(f"MIM forward+backward / timm EVA-02 forward+backward, time:   {time_ratio:.3f} "
           f"(target <= 1.05; {ours['fwd_bwd_s'] * 1e3:.1f} ms)")
-    print(f"MIM forward+backward / timm EVA-02 forward+backward, memory: {ours['fwd_bwd_mem'] / ref['fwd_bwd_mem']:.3f} "
+    print(f"MIM forward+backward / timm EVA-02 forward+backward, memory: {memory_ratio:.3f} "
           f"(+{ours['fwd_bwd_mem'] / mb:.0f} MiB)")
     print(f"MIM forward+backward FLOPs / timm FLOPs: {ours['model_flops'] / ref['model_flops']:.3f} "
           "(the 16^3 x 3-channel patch embedding and the MIM head are the extra work)")
-    print(f"full MIM step / timm forward+backward: {ours['step_s'] / ref['fwd_bwd_s']:.3f} ({ours['step_s'] * 1e3:.1f} ms,"
-          f" peak +{ours['step_mem'] / mb:.0f} MiB)")
+    print(f"full MIM step / timm forward+backward: {ours['step_s'] / ref['fwd_bwd_s']:.3f} "
+          f"({ours['step_s'] * 1e3:.1f} ms, peak +{ours['step_mem'] / mb:.0f} MiB)")
     print(f"tokenizer share of the full MIM step: {ours['tokenizer_s'] / ours['step_s']:.3f} "
           f"({ours['tokenizer_s'] * 1e3:.1f} ms)")
     ours_tps, ref_tps = ours["tokens"] / ours["step_s"], ref["tokens"] / ref["fwd_bwd_s"]

@@ -6,7 +6,6 @@ import importlib.util
 import json
 import shutil
 import subprocess
-from dataclasses import replace
 
 import pytest
 import torch

@@ -124,7 +124,7 @@ def test_load_pretrained_from_plans(tmp_path, released, monkeypatch):
     for path in ("weights/w.ckpt", "$PUMIT_TEST_BASE/weights/w.ckpt"):  # relative to the plans' folder, or env vars
         trainer = _fake_trainer(network, {"path": path, "allow_partial": False, "channel_mode": "sum"}, tmp_path)
         report = pretrained.load_pretrained_from_plans(trainer)
-        assert report.complete
+        assert report.complete and {"norm.weight", "mim_head.0.weight"} <= set(report.skipped)  # no final norm in seg
     missing = _fake_trainer(network, {"path": "nowhere.ckpt"}, tmp_path)
     with pytest.raises(FileNotFoundError, match=r"'3d_fullres' records pre-trained weights .*nowhere\.ckpt"):
         pretrained.load_pretrained_from_plans(missing)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
 import torch
 
 from pumit_nnunet.checkpoints.format import load_pumit_checkpoint
 from pumit_nnunet.cli import main
-from test_mim_trainer import one_thread, store, tokenizer_ckpt  # noqa: F401  (shared fixtures)
+from test_mim_trainer import one_thread, store, tokenizer_ckpt  # noqa: F401,F811  (shared fixtures; one_thread is autouse)
 
 
 def _args(store, tokenizer, out, steps: int) -> list[str]:
@@ -36,8 +37,6 @@ def test_mim_command_trains_refuses_to_overwrite_and_resumes(store, tokenizer_ck
 
 
 def test_mim_help_documents_torchrun_and_fine_tuning(capsys):
-    import pytest
-
     with pytest.raises(SystemExit):
         main(["pretrain", "mim", "--help"])
     text = capsys.readouterr().out

@@ -185,7 +185,7 @@ def test_gradients_reach_every_vit_parameter_and_the_head():
     logits = model(x, 0, mask)
     target = torch.softmax(torch.randn(2, 8, 32), -1)
     out = model.objective(logits, target, mask)
-    out["loss"].backward()
+    out.loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []
-    assert not out["kl"].requires_grad and 0 <= out["accuracy"] <= 1
+    assert not out.kl.requires_grad and 0 <= out.accuracy <= 1

@@ -73,7 +73,7 @@ def test_tokenizer_frozen_gradients_reach_vit_and_head(store, tokenizer_ckpt, tm
 def test_loss_falls_on_a_real_data_overfit(store, tokenizer_ckpt, tmp_path):
     trainer = MIMTrainer(_config(store, tokenizer_ckpt, tmp_path, steps=25, warmup_steps=0, augment=False), CPU)
     batch = next(iter(trainer.loader))
-    kl = [trainer.train_step(batch.image, batch.aniso_d)["metrics"]["kl"] for _ in range(25)]
+    kl = [trainer.train_step(batch.image, batch.aniso_d).metrics["kl"] for _ in range(25)]
     assert sum(kl[-5:]) / 5 < 0.7 * sum(kl[:3]) / 3, kl
 
 
@@ -140,7 +140,7 @@ def _train_steps(config: MIMTrainConfig, info: DistInfo, batch: torch.Tensor, an
     trainer = MIMTrainer(config, info, loader=[])
     share = batch.shape[0] // info.world_size
     mine = batch[info.rank * share:(info.rank + 1) * share]
-    losses = [trainer.train_step(mine, aniso_d)["metrics"]["loss"] for _ in range(steps)]
+    losses = [trainer.train_step(mine, aniso_d).metrics["loss"] for _ in range(steps)]
     return {"model": trainer.model.state_dict(), "losses": losses}
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pumit_nnunet.layers.lpips import IMAGENET_MEAN, IMAGENET_STD
 from pumit_nnunet.layers.pos_embed import resample_pos_embed
 from pumit_nnunet.layers.sac import reduce_depth_kernel
 
@@ -39,8 +40,6 @@ __all__ = [
     "convert_vit_state_dict",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 CHANNEL_MODES = ("sum", "imagenet-fold")
 HEAD_PREFIXES = ("mim_head.", "lm_head.", "head.", "rope.")
 PATCH_W, PATCH_B = "patch_embed.proj.weight", "patch_embed.proj.bias"

@@ -77,7 +77,11 @@ def _report(result: ConversionResult, model_state: Mapping[str, Tensor], weights
                 report.converted[key] = result.converted[key]
             else:
                 report.loaded.append(key)
-    report.unexpected = [k for k in result.state_dict if k not in model_state]
+    extra = [k for k in result.state_dict if k not in model_state]
+    # a segmentation backbone replaces the final norm by Identity (its neck reads un-normed block outputs)
+    dropped_norm = not any(k.startswith("norm.") for k in model_state)
+    report.skipped += [k for k in extra if dropped_norm and k.startswith("norm.")]
+    report.unexpected = [k for k in extra if k not in report.skipped]
     return to_load, report
 
 

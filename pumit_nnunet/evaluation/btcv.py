@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from pumit_nnunet.evaluation.files import atomic_path, check_same_geometry, list_images, read_image
+from pumit_nnunet.evaluation.files import atomic_path, check_same_geometry, list_images, read_header, read_image
 from pumit_nnunet.evaluation.nnunet_raw import (
     Fold,
     PlaceMode,
@@ -221,7 +221,7 @@ def export_btcv(
         for case_id, image_path in test_images.items():
             pred_path = pred_dir / f"{case_name(case_id)}.nii.gz"
             prediction = read_image(pred_path)
-            check_same_geometry(prediction, read_image(image_path), str(pred_path))
+            check_same_geometry(prediction, read_header(image_path), str(pred_path))
             values = np.unique(sitk.GetArrayViewFromImage(prediction))
             if values.min() < 0 or values.max() > max(BTCV_LABELS.values()):
                 raise ValueError(f"{pred_path}: labels {values.tolist()} outside 0-13")

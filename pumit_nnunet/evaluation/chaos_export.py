@@ -17,7 +17,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from pumit_nnunet.evaluation.chaos import ORDER_SIDECAR, labels_to_png, png_to_labels, read_png_stack
-from pumit_nnunet.evaluation.files import atomic_path, check_same_geometry, read_image
+from pumit_nnunet.evaluation.files import atomic_path, check_same_geometry, read_header, read_image
 
 TASKS: tuple[int, ...] = (3, 5)
 
@@ -47,7 +47,7 @@ def prediction_slices(pred_path: Path, reference_image: Path, entry: dict[str, A
     import SimpleITK as sitk
 
     prediction = read_image(pred_path)
-    check_same_geometry(prediction, read_image(reference_image), str(pred_path))
+    check_same_geometry(prediction, read_header(reference_image), str(pred_path))
     labels = sitk.GetArrayFromImage(prediction)
     expected = (len(entry["dicom_files"]), entry["rows"], entry["cols"])
     if labels.shape != expected:

@@ -116,6 +116,22 @@ def read_image(path: Path | str) -> Any:
         raise ValueError(f"cannot read image {path}: {str(error).strip().splitlines()[-1]}") from error
 
 
+def read_header(path: Path | str) -> Any:
+    """An image's header only (size, spacing, origin, direction) without reading the voxels."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise ValueError(f"cannot read image header {path}: {str(error).strip().splitlines()[-1]}") from error
+    return reader
+
+
 def write_image_atomic(image: Any, path: Path | str, compress: bool = True) -> None:
     """Write a SimpleITK image atomically; the temporary file keeps the ending so the format is chosen right."""
     import SimpleITK as sitk

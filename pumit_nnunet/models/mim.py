@@ -13,7 +13,7 @@ as in the original.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -123,8 +123,14 @@ def merge_token_distributions(pred_probs: Tensor, target_probs: Tensor, mask: Te
     return merged
 
 
-class MIMOutput(dict):
-    """``loss`` (differentiable), and detached ``kl`` and ``accuracy`` for monitoring; ``logits`` at masked tokens."""
+@dataclass
+class MIMOutput:
+    """What the objective returns: the differentiable ``loss``, detached ``kl`` and ``accuracy`` for monitoring."""
+
+    loss: Tensor
+    kl: Tensor
+    accuracy: Tensor
+    logits: Tensor  # (B*M, K) at the masked tokens
 
 
 class ViTForMIM(UniversalViT):
@@ -187,4 +193,4 @@ class ViTForMIM(UniversalViT):
         with torch.no_grad():
             kl = soft_kl_divergence(logits, target)
             acc = token_accuracy(logits, target)
-        return MIMOutput(loss=soft_cross_entropy(logits, target), kl=kl, accuracy=acc, logits=logits)
+        return MIMOutput(soft_cross_entropy(logits, target), kl, acc, logits)

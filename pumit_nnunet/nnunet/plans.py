@@ -46,6 +46,9 @@ def pumit_architecture(patch_size: Sequence[int], aniso_d: int, vit: str | dict[
 
     ``arch_overrides`` holds further :class:`PumitSegNet` keyword arguments (``vit_overrides``,
     ``lateral_channels``, ``fullres_channels``)."""
+    from pumit_nnunet.models.vit import ViTConfig, vit_config
+
+    vit_config(vit) if isinstance(vit, str) else ViTConfig.from_dict(vit)  # fail now, not at network build time
     kwargs: dict[str, Any] = {"patch_size": [int(p) for p in patch_size], "aniso_d": int(aniso_d), "vit": vit}
     kwargs.update(json.loads(json.dumps(arch_overrides or {})))  # JSON types only: tuples become lists
     return {"network_class_name": PUMIT_NETWORK, "arch_kwargs": kwargs, "_kw_requires_import": []}
@@ -66,6 +69,9 @@ def adapt_configuration(plans: dict[str, Any], configuration_name: str, vit: str
         raise KeyError(f"configuration {configuration_name!r} not in plans (have: {sorted(plans.get('configurations', {}))})")
     # resolve inherits_from on a copy (nnU-Net's PlansManager caches and mutates nothing, but be safe)
     resolved = PlansManager(copy.deepcopy(plans)).get_configuration(configuration_name).configuration
+    missing = [k for k in ("spacing", "patch_size") if k not in resolved]
+    if missing:
+        raise ValueError(f"plans configuration {configuration_name!r} has no {' or '.join(missing)}: is the plans file complete?")
     spacing, patch = resolved["spacing"], resolved["patch_size"]
     if len(spacing) != len(patch):
         raise ValueError(f"configuration {configuration_name!r}: spacing {spacing} and patch {patch} disagree in dimensions")

@@ -28,12 +28,6 @@ def _unwrap(network: nn.Module) -> nn.Module:
     return getattr(network, "_orig_mod", network)  # torch.compile
 
 
-def _has_pretrained_module() -> bool:  # TEMPORARY until pumit_nnunet.nnunet.pretrained lands
-    import importlib.util
-
-    return importlib.util.find_spec("pumit_nnunet.nnunet.pretrained") is not None
-
-
 class PumitTrainerBase(nnUNetTrainer):
     """Common behaviour of every PUMIT trainer; subclasses set the class attributes below (a few lines each).
 
@@ -101,14 +95,12 @@ class PumitTrainerBase(nnUNetTrainer):
         if self.was_initialized:
             return
         super().initialize()
-        if not self.is_continuation and _has_pretrained_module():
+        if not self.is_continuation:
             from pumit_nnunet.nnunet.pretrained import load_pretrained_from_plans
 
             load_pretrained_from_plans(self)
 
     def _pretrained_route(self) -> None:
-        if not _has_pretrained_module():
-            return
         from pumit_nnunet.nnunet.pretrained import install_pretrained_weights_route
 
         install_pretrained_weights_route()

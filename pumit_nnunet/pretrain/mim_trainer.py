@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,13 +27,17 @@ from pumit_nnunet.models.mim import (ViTForMIM, flatten_token_grid, merge_token_
                                      random_token_mask)
 from pumit_nnunet.models.vit import vit_config
 from pumit_nnunet.optim import WarmupDecaySchedule, build_adamw
-from pumit_nnunet.pretrain.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint_atomic
+from pumit_nnunet.pretrain.checkpoint import (capture_rng_state, load_checkpoint, restore_rng_state,
+                                             save_checkpoint_atomic)
 from pumit_nnunet.pretrain.distributed import (DistInfo, all_reduce_mean, broadcast_object, gather_objects, is_main,
                                                wrap_ddp)
 from pumit_nnunet.pretrain.mim_cli import MIMTrainConfig  # the run's dataclass lives torch-free beside its parser
 from pumit_nnunet.pretrain.precision import autocast_context, make_grad_scaler
 
-__all__ = ["MIMTrainConfig", "MIMTrainer", "load_frozen_tokenizer", "mim_pretrain_plan", "save_mim_pictures", "run_mim"]
+__all__ = [
+    "MIMTrainConfig", "MIMTrainer", "MIMStepResult", "load_frozen_tokenizer", "mim_pretrain_plan", "save_mim_pictures",
+    "run_mim",
+]
 
 TRAIN_STATE = "checkpoint_latest.pth"
 PUMIT_LATEST = "pumit_mim_latest.pth"
@@ -41,7 +45,16 @@ PUMIT_FINAL = "pumit_mim_final.pth"
 METRICS = ("loss", "kl", "accuracy", "grad_norm", "lr")
 
 
+@dataclass
+class MIMStepResult:
+    """One training step: global-mean ``metrics`` and this rank's tensors (for the pictures)."""
 
+    metrics: dict[str, float]
+    image: Tensor  # (B, C, D, H, W) in [0, 1]
+    target: Tensor  # (B, N, K) tokenizer distributions
+    mask: Tensor  # (B, N) True = masked
+    logits: Tensor  # (B*M, K) predictions at the masked tokens
+    aniso_d: int
 
 
 def load_frozen_tokenizer(path: str | os.PathLike, device: torch.device) -> torch.nn.Module:
@@ -75,16 +88,16 @@ def mim_pretrain_plan(config: MIMTrainConfig):
 
 
 @torch.no_grad()
-def save_mim_pictures(path: str | os.PathLike, result: dict[str, Any], tokenizer: torch.nn.Module,
+def save_mim_pictures(path: str | os.PathLike, result: MIMStepResult, tokenizer: torch.nn.Module,
                       max_rows: int = 4) -> None:
     """Middle slices: input | visible tokens | tokenizer decode of the targets | decode of the predicted tokens
-    (predictions at masked positions, targets at visible ones). ``result`` is what ``train_step`` returns."""
+    (predictions at masked positions, targets at visible ones)."""
     from pumit_nnunet.pretrain.plots import save_image_grid
 
-    image, target, mask, aniso_d = result["image"], result["target"], result["mask"], result["aniso_d"]
+    image, target, mask, aniso_d = result.image, result.target, result.mask, result.aniso_d
     n = min(max_rows, image.shape[0])
     rows_of_first_n = int(mask[:n].sum())  # logits are in (sample, position) order
-    pred = merge_token_distributions(result["logits"][:rows_of_first_n].float().softmax(-1), target[:n], mask[:n])
+    pred = merge_token_distributions(result.logits[:rows_of_first_n].float().softmax(-1), target[:n], mask[:n])
     grid = tokenizer.token_grid(tuple(image.shape[2:]), aniso_d)
     probs = torch.cat([target[:n], pred]).transpose(1, 2).reshape(2 * n, -1, *grid)
     decoded = ((tokenizer.decode(probs.float(), aniso_d) + 1) / 2).clamp(0, 1).mean(1).cpu()
@@ -180,7 +193,7 @@ class MIMTrainer:
         with autocast_context(self.device, self.config.precision):
             return flatten_token_grid(self.tokenizer.encode(tokenizer_in, aniso_d)).float()
 
-    def train_step(self, image: Tensor, aniso_d: int) -> dict[str, Any]:
+    def train_step(self, image: Tensor, aniso_d: int) -> MIMStepResult:
         """One optimisation step on this rank's crops ``(B, C, D, H, W)`` in [0, 1]; metrics are global means."""
         self.ddp_model.train()
         vit_in, tokenizer_in = mim_inputs(image.to(self.device, non_blocking=True))
@@ -190,7 +203,7 @@ class MIMTrainer:
             logits = self.ddp_model(vit_in, aniso_d, mask)
         out = self.model.objective(logits, target, mask)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(out["loss"]).backward()
+        self.scaler.scale(out.loss).backward()
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -198,11 +211,10 @@ class MIMTrainer:
         self.scaler.update()
         self.scheduler.step()
         self.step += 1
-        stats = torch.stack([out["loss"].detach(), out["kl"], out["accuracy"], grad_norm.float()])
+        stats = torch.stack([out.loss.detach(), out.kl, out.accuracy, grad_norm.float()])
         metrics = dict(zip(METRICS, all_reduce_mean(stats).tolist()))
         metrics["lr"] = lr
-        return {"metrics": metrics, "image": image, "target": target, "mask": mask,
-                "logits": out["logits"].detach(), "aniso_d": aniso_d}
+        return MIMStepResult(metrics, image, target, mask, out.logits.detach(), aniso_d)
 
     # --- the loop -------------------------------------------------------------------------------------------------
     def fit(self, until: int | None = None) -> Path:
@@ -216,7 +228,7 @@ class MIMTrainer:
         while self.step < stop:
             batch = self._next_batch()
             result = self.train_step(batch.image, batch.aniso_d)
-            metrics, last = result["metrics"], self.step == cfg.steps
+            metrics, last = result.metrics, self.step == cfg.steps
             progress.update(1)
             if self.step % cfg.log_every == 0 or last:
                 self._log(metrics)

@@ -204,6 +204,9 @@ class TokenizerTrainer:
         if state.get("world_size", 1) != self.info.world_size:
             raise ValueError(f"checkpoint was written by {state.get('world_size')} processes, this run has "
                              f"{self.info.world_size}: exact resume needs the same number")
+        if state["config"] != self.model.config.to_dict():
+            raise ValueError(f"the checkpoint's tokenizer config {state['config']} differs from this run's "
+                             f"{self.model.config.to_dict()}: resume with the same --config/--codebook-size")
         self.model.load_state_dict(state["model"])
         self.disc.load_state_dict(state["discriminator"])
         for name in ("opt_g", "opt_d", "sched_g", "sched_d", "scaler_g", "scaler_d"):
