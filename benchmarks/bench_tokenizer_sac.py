@@ -7,7 +7,13 @@ Printed figures are ratios SAC / plain measured in the same run (target: < 1.05,
 * encode throughput (voxels per second, no grad, encoder + soft tokens);
 * one training step (forward, L1 + regulariser, backward, AdamW step).
 
-    python benchmarks/bench_tokenizer_sac.py --quick      # tiny preset on CPU, a few seconds
+Reading the 2D / thick-slice rows: SAC sums the depth taps of every full 3D kernel on each call (and its backward
+spreads the gradient back over them), and AdamW updates the full 3D kernels, while the plain network holds the
+already reduced kernels (a 3x3x3 conv is a 1x3x3 conv at aniso_d 5: a third of the weights). When the activations
+are small (2D crops, small batches) these weight-sized, memory-bound passes are a visible share of a CPU step; on
+a GPU they cost microseconds. Isotropic input (aniso_d 0) reduces nothing.
+
+    python benchmarks/bench_tokenizer_sac.py --quick      # tiny preset on CPU, under a minute
     python benchmarks/bench_tokenizer_sac.py              # paper preset, 4 x (64 x 128 x 128) crops (GPU advised)
 """
 

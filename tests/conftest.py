@@ -18,6 +18,14 @@ def _find_real_demo() -> Path | None:
     return None
 
 
+@pytest.fixture
+def cli_main():
+    """``pumit-nnunet``'s entry point, called in process: ``cli_main([...]) -> exit code``."""
+    from pumit_nnunet.cli import main
+
+    return main
+
+
 @pytest.fixture(scope="session")
 def real_demo_dir() -> Path:
     """Read-only folder with the real demo datasets (nnU-Net raw layout). Never write into it."""
@@ -29,7 +37,6 @@ def real_demo_dir() -> Path:
 
 # --- nnU-Net end-to-end support -------------------------------------------------------------------------------
 import subprocess
-import sys
 
 CT_ID, MRI_ID = 950, 951
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import zipfile
@@ -18,14 +17,6 @@ from pumit_nnunet.evaluation.files import GeometryMismatchError
 sitk = pytest.importorskip("SimpleITK")
 
 
-@pytest.fixture
-def cli_main(monkeypatch):
-    """``pumit_nnunet.cli.main``; registration modules of other areas that do not exist yet are left out."""
-    from pumit_nnunet import cli
-
-    present = tuple(m for m in cli.SUBCOMMAND_MODULES if importlib.util.find_spec(m) is not None)
-    monkeypatch.setattr(cli, "SUBCOMMAND_MODULES", present)
-    return cli.main
 
 
 @pytest.fixture(scope="module")

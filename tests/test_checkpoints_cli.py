@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -16,7 +15,6 @@ from pumit_nnunet import cli
 from pumit_nnunet.cli import main
 from pumit_nnunet.models.vit import UniversalViT, ViTConfig
 
-ALL_SUBCOMMAND_MODULES = cli.SUBCOMMAND_MODULES
 SMALL = ViTConfig(embed_dim=64, depth=2, num_heads=2, mlp_hidden_dim=170, out_indices=(0, 1), mask_token=True)
 
 
@@ -90,9 +88,6 @@ def test_console_script(released):
     exe = shutil.which("pumit-nnunet")
     if exe is None:
         pytest.skip("the pumit-nnunet console script is not installed (pip install -e .)")
-    absent = [m for m in ALL_SUBCOMMAND_MODULES if importlib.util.find_spec(m) is None]
-    if absent:
-        pytest.skip(f"the full command needs CLI modules that do not exist yet: {absent}")
     result = subprocess.run([exe, "weights", "inspect", str(released)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "pumit-released" in result.stdout

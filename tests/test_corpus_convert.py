@@ -190,38 +190,20 @@ def test_counts_and_ensure_store(store, layouts, tmp_path):
     assert made.parent == tmp_path and corpus_counts(made)["images"] == 2
 
 
-def _cli_main_or_skip(argv):
-    """``pumit_nnunet.cli.main``; while another area's CLI module is missing, a parser with only ``corpus``."""
-    import argparse
-
-    from pumit_nnunet import cli
-    from pumit_nnunet.corpus.cli import register
-
-    try:
-        return cli.main(argv)
-    except ModuleNotFoundError as error:
-        if "corpus" in str(error):
-            raise
-    parser = argparse.ArgumentParser(prog="pumit-nnunet")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
-
-
-def test_cli_convert_inspect_validate_add(layouts, tmp_path, capsys):
+def test_cli_convert_inspect_validate_add(layouts, tmp_path, capsys, cli_main):
     out = tmp_path / "cli-store"
-    assert _cli_main_or_skip(["corpus", "convert", str(layouts / "Task05_Demo4D"), "--out", str(out), "--no-progress"]) == 0
-    assert _cli_main_or_skip(["corpus", "add", str(out), str(layouts / "dicom"), "--name", "MyCT", "--modality", "CT",
+    assert cli_main(["corpus", "convert", str(layouts / "Task05_Demo4D"), "--out", str(out), "--no-progress"]) == 0
+    assert cli_main(["corpus", "add", str(out), str(layouts / "dicom"), "--name", "MyCT", "--modality", "CT",
                               "--multiplier", "0.5", "--no-progress"]) == 0
-    assert _cli_main_or_skip(["corpus", "inspect", str(out), "--plot", str(tmp_path / "counts.png")]) == 0
+    assert cli_main(["corpus", "inspect", str(out), "--plot", str(tmp_path / "counts.png")]) == 0
     printed = capsys.readouterr().out
     assert '"MyCT": 1' in printed and (tmp_path / "counts.png").stat().st_size > 0
     row = _row(read_manifest(out), "MyCT/patient1/series1")
     assert row.modality == "CT" and row.multiplier == 0.5
     assert json.loads((out / "catalog.json").read_text())["datasets"][0]["name"] == "MyCT"
-    assert _cli_main_or_skip(["corpus", "validate", str(out)]) == 0
+    assert cli_main(["corpus", "validate", str(out)]) == 0
     array_path(out, "MyCT/patient1/series1").write_bytes(b"broken")
-    assert _cli_main_or_skip(["corpus", "validate", str(out)]) == 1
+    assert cli_main(["corpus", "validate", str(out)]) == 1
 
 
 def test_console_script_runs(store):
@@ -229,8 +211,6 @@ def test_console_script_runs(store):
     if exe is None:
         pytest.skip("pumit-nnunet console script not installed")
     result = subprocess.run([exe, "corpus", "validate", str(store)], capture_output=True, text=True, timeout=300)
-    if result.returncode != 0 and "ModuleNotFoundError" in result.stderr and "corpus" not in result.stderr.splitlines()[-1]:
-        pytest.skip(f"pumit-nnunet CLI incomplete: {result.stderr.splitlines()[-1]}")
     assert result.returncode == 0, result.stderr
     assert "0 problems" in result.stdout
 

@@ -3,7 +3,6 @@ of the stock nnU-Net commands with the smoke trainer (marked e2e)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -16,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pumit_nnunet.evaluation.label_efficiency import (
-    BACKUP, MANIFEST, LabelEfficiencyRun, RunnerSettings, label_efficiency_folds, nested_subsets, plan_steps,
+    BACKUP, LabelEfficiencyRun, RunnerSettings, label_efficiency_folds, nested_subsets, plan_steps,
     read_manifest, report_tables, run_dir, run_steps, subset_size, write_label_efficiency_splits, write_report,
 )
 
@@ -178,23 +177,10 @@ def test_report_tables_from_given_metrics(tmp_path):
 
 
 # --- command line --------------------------------------------------------------------------------------------------
-def _wired() -> bool:
-    from pumit_nnunet import cli
-
-    return "label-efficiency" in cli.build_parser()._subparsers._group_actions[0].choices
-
-
 def _main(argv: list[str]) -> int:
-    """Through ``pumit_nnunet.cli.main`` once the lead wired it, else through our registration function alone."""
-    from pumit_nnunet import cli
-    from pumit_nnunet.evaluation.label_efficiency_cli import register_label_efficiency
+    from pumit_nnunet.cli import main
 
-    if _wired():
-        return cli.main(argv)
-    parser = argparse.ArgumentParser()
-    register_label_efficiency(parser.add_subparsers())
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main(argv)
 
 
 def _nnunet_tree(raw_ct: Path, root: Path) -> dict[str, str]:
@@ -221,8 +207,6 @@ def test_cli_splits_dry_run_and_report(raw_ct, tmp_path, monkeypatch, capsys):
 
 
 def test_console_script_runs_label_efficiency(raw_ct, tmp_path):
-    if not _wired():
-        pytest.skip("label-efficiency is not registered in pumit_nnunet.evaluation.cli yet")
     env = {**os.environ, **_nnunet_tree(raw_ct, tmp_path)}
     result = subprocess.run(["pumit-nnunet", "label-efficiency", "splits", raw_ct.name, "--fractions", "0.5", "1"],
                             env=env, capture_output=True, text=True)

@@ -200,6 +200,8 @@ def test_finetune_resume_equals_uninterrupted_run(tissue_npz, tmp_path):
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     assert (tmp_path / "a" / "progress.png").is_file() and (tmp_path / "a" / RESULTS).is_file()
+    with pytest.raises(ValueError, match="finished run with another configuration"):
+        finetune(_tiny_config(tissue_npz, tmp_path / "a", lr=1e-3), log=lambda m: None)
     # the kept checkpoint is the best validation AUC, and re-evaluating it reproduces the recorded metrics
     recorded = json.loads((tmp_path / "a" / RESULTS).read_text())
     model, extra = load_classifier(tmp_path / "a" / BEST)
@@ -275,10 +277,6 @@ def test_cli_train_and_evaluate(tissue_npz, tmp_path, capsys):
 
 
 def test_console_script_runs_medmnist(tissue_npz, tmp_path):
-    from pumit_nnunet import cli
-
-    if "medmnist" not in cli.build_parser()._subparsers._group_actions[0].choices:
-        pytest.skip("medmnist is not registered in pumit_nnunet.evaluation.cli yet")
     executable = shutil.which("pumit-nnunet")
     assert executable, "the pumit-nnunet console script is not installed"
     result = subprocess.run([executable, *_train_argv(tissue_npz, tmp_path / "run")], capture_output=True, text=True)

@@ -19,7 +19,7 @@ from pumit_nnunet.checkpoints.format import load_pumit_checkpoint
 from pumit_nnunet.cli import main
 
 DATASET_ID = 961
-CROP_ZYX = (20, 96, 96)
+CROP_ZYX = (16, 64, 64)
 STAGE_TIMEOUT = 600
 
 

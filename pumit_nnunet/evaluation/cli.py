@@ -11,9 +11,14 @@ from pathlib import Path
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this layer's top-level commands (one small function per command)."""
+    from pumit_nnunet.evaluation.label_efficiency_cli import register_label_efficiency
+    from pumit_nnunet.evaluation.medmnist_cli import register_medmnist
+
     _register_evaluate(subparsers)
     _register_convert(subparsers)
     _register_export(subparsers)
+    register_medmnist(subparsers)
+    register_label_efficiency(subparsers)
 
 
 # --- evaluate ------------------------------------------------------------------------------------------------------

@@ -288,6 +288,7 @@ def plot_label_efficiency(rows: Sequence[dict[str, Any]], path: Path) -> None:
         ax.set_ylabel("Dice" if metric == "dice" else f"{metric.upper()} (mm)")
         ax.grid(alpha=0.3)
         ax.legend()
+    fig.tight_layout()
     save_figure_atomic(fig, path)
 
 

@@ -6,17 +6,18 @@ import argparse
 import os
 from pathlib import Path
 
+from pumit_nnunet.evaluation.medmnist_cli import add_command_group
+
 __all__ = ["register_label_efficiency"]
 
 
 def register_label_efficiency(subparsers: argparse._SubParsersAction) -> None:
     """Add ``label-efficiency`` with its nested ``splits``, ``run`` and ``report`` commands."""
-    parser = subparsers.add_parser(
-        "label-efficiency", help="train on 20-100%% of the training cases, scratch vs pre-trained; table and plot",
-        description="Nested subsets of one fold's training cases become extra folds of splits_final.json; the stock "
+    nested = add_command_group(
+        subparsers, "label-efficiency", "train on 20-100%% of the training cases, scratch vs pre-trained; table and plot",
+        "Nested subsets of one fold's training cases become extra folds of splits_final.json; the stock "
         "nnUNetv2_train / nnUNetv2_predict commands run each (arm, fraction); Dice/ASSD/HD are tabulated and plotted.",
     )
-    nested = parser.add_subparsers(dest="label_efficiency_command", metavar="ACTION", required=True)
     splits = nested.add_parser("splits", help="append the label-efficiency folds to splits_final.json")
     splits.add_argument("dataset", metavar="DATASET", help="dataset id or DatasetXXX_Name")
     splits.add_argument("--fold", type=int, default=0, help="base fold whose training cases are subsampled (default 0)")

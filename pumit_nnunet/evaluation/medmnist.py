@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from pumit_nnunet.evaluation.medmnist_metrics import BINARY, MULTI_CLASS, MULTI_LABEL
+from pumit_nnunet.evaluation.medmnist_metrics import BINARY, MULTI_CLASS
 
 __all__ = ["MedMNISTInfo", "MEDMNIST_3D", "SPLITS", "MedMNISTSplit", "medmnist_info", "npz_path",
            "load_medmnist", "save_medmnist_npz", "model_input"]

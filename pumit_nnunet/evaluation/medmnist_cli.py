@@ -9,19 +9,24 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register_medmnist"]
+__all__ = ["register_medmnist", "add_command_group"]
 
 DATASETS = ("organ", "nodule", "adrenal", "fracture", "vessel", "synapse")
 
 
+def add_command_group(subparsers: argparse._SubParsersAction, name: str, help: str, description: str) -> argparse._SubParsersAction:
+    """A top-level command whose actions are nested sub-commands (one of them is required)."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    return parser.add_subparsers(dest=f"{name.replace('-', '_')}_command", metavar="ACTION", required=True)
+
+
 def register_medmnist(subparsers: argparse._SubParsersAction) -> None:
     """Add ``medmnist`` with its nested ``train``, ``sweep`` and ``evaluate`` commands."""
-    parser = subparsers.add_parser(
-        "medmnist", help="MedMNIST-3D classification: fine-tune, sweep the learning rate, evaluate",
-        description="Fine-tune the PUMIT classifier (CLS token -> linear head, whole model trained) on an official "
-        "MedMNIST-3D .npz file that you downloaded yourself; AUC and ACC as the official evaluator computes them.",
+    nested = add_command_group(
+        subparsers, "medmnist", "MedMNIST-3D classification: fine-tune, sweep the learning rate, evaluate",
+        "Fine-tune the PUMIT classifier (CLS token -> linear head, whole model trained) on an official MedMNIST-3D "
+        ".npz file that you downloaded yourself; AUC and ACC as the official evaluator computes them.",
     )
-    nested = parser.add_subparsers(dest="medmnist_command", metavar="ACTION", required=True)
     train = nested.add_parser("train", help="one fine-tuning run (resumable)")
     _add_training_arguments(train)
     train.add_argument("--lr", type=float, default=1e-5, help="learning rate (default 1e-5)")
@@ -56,6 +61,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=3407, help="seed (default 3407)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--max-steps-per-epoch", type=int, help="cap the iterations per epoch (smoke runs)")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations (less memory)")
 
 
 def _config(args: argparse.Namespace, out_dir: Path, lr: float) -> Any:
@@ -67,7 +73,7 @@ def _config(args: argparse.Namespace, out_dir: Path, lr: float) -> Any:
         vit_size=args.vit_size, input_size=args.input_size, epochs=args.epochs, milestones=tuple(args.milestones),
         batch_size=args.batch_size, eval_batch_size=args.batch_size, weight_decay=args.weight_decay,
         shape_transform=args.shape_transform, seed=args.seed, device=args.device,
-        max_steps_per_epoch=args.max_steps_per_epoch,
+        max_steps_per_epoch=args.max_steps_per_epoch, grad_checkpointing=args.grad_checkpointing,
     )
 
 

@@ -69,6 +69,7 @@ class FinetuneConfig:
     device: str = "auto"
     max_steps_per_epoch: int | None = None
     curves: bool = True
+    grad_checkpointing: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -101,6 +102,7 @@ class FinetuneResult:
 def build_classifier(config: FinetuneConfig, info: MedMNISTInfo, log: Callable[[str], None] = print) -> PumitClassifier:
     """The classifier for ``info``'s task, with pre-trained backbone weights when ``config.pretrained`` is set."""
     model = PumitClassifier(classifier_vit_config(config.vit_size, **config.vit_overrides), info.n_outputs)
+    model.vit.set_grad_checkpointing(config.grad_checkpointing)
     if config.pretrained:
         from pumit_nnunet.checkpoints import load_vit_weights
 
@@ -224,7 +226,10 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> Fine
 
     out = Path(config.out_dir)
     if (out / RESULTS).is_file():
-        return FinetuneResult.from_dict(json.loads((out / RESULTS).read_text()))
+        recorded = json.loads((out / RESULTS).read_text())
+        if recorded.get("config") != json.loads(json.dumps(config.to_dict())):
+            raise ValueError(f"{out / RESULTS} holds a finished run with another configuration; use a new folder")
+        return FinetuneResult.from_dict(recorded)
     info = medmnist_info(config.dataset)
     data = load_medmnist(config.npz)
     device = config.resolved_device()

@@ -7,7 +7,7 @@ released weights load without renaming.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Sequence
 
 import torch

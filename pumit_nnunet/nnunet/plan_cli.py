@@ -34,8 +34,9 @@ def register_plan(subparsers: argparse._SubParsersAction) -> None:
         "nnUNetv2_train/nnUNetv2_predict commands. Presets: btcv, chaos, pretraining-match or a preset .json file.",
     )
     parser.add_argument("-d", "--dataset", required=True, help="dataset id (950) or name (Dataset950_Name)")
-    parser.add_argument("-c", "--configurations", nargs="+", default=["3d_fullres", "2d"], metavar="CFG",
-                        help="configurations to preprocess and print commands for (default: 3d_fullres 2d)")
+    parser.add_argument("-c", "--configurations", nargs="+", default=None, metavar="CFG",
+                        help="configurations to preprocess and print commands for (default: 3d_fullres and 2d, "
+                        "those the dataset has)")
     parser.add_argument("--vit", default="B", help="ViT size the memory model plans for: T, S, B (default), L")
     parser.add_argument("--gpu-memory-gb", type=float, default=8.0, help="GPU memory target in GiB (default 8)")
     parser.add_argument("--plans-name", default=None, help=f"plans name (default {DEFAULT_PLANS}, or the preset's)")
@@ -190,10 +191,11 @@ def _run(args: argparse.Namespace) -> int:
         raise PlanError(str(error)) from None
     plans_file = _folder("nnUNet_preprocessed") / name / f"{plans_name}.json"
     plans = _read_json(plans_file)
-    missing = [c for c in args.configurations if c not in plans["configurations"]]
+    configurations = args.configurations or [c for c in ("3d_fullres", "2d") if c in plans["configurations"]]
+    missing = [c for c in configurations if c not in plans["configurations"]]
     if missing:
         raise PlanError(f"configurations {missing} were not planned for {name} (planned: {sorted(plans['configurations'])})")
     if args.preprocess:
-        _preprocess(dataset_id, name, plans_name, plans, args.configurations, args.num_processes)
-    _summary(dataset_id, plans_name, plans, args.configurations, plans_file, args.vit)
+        _preprocess(dataset_id, name, plans_name, plans, configurations, args.num_processes)
+    _summary(dataset_id, plans_name, plans, configurations, plans_file, args.vit)
     return 0

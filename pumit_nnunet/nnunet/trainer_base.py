@@ -40,6 +40,10 @@ class PumitTrainerBase(nnUNetTrainer):
         grad_clip: gradient-norm clipping.
         arch_overrides: further network keyword arguments written into the plans (e.g. decoder channels).
         test_time_mirroring: allow nnU-Net's mirroring test-time augmentation at prediction.
+        checkpoint_every: epochs between ``checkpoint_latest.pth`` writes (nnU-Net's ``save_every``).
+
+    Subclasses must not override ``__init__``: nnU-Net records the constructor's arguments by inspecting its
+    signature, so variants are expressed through these attributes only.
     """
 
     vit_size: ClassVar[str] = "B"
@@ -54,6 +58,7 @@ class PumitTrainerBase(nnUNetTrainer):
     grad_clip: ClassVar[float] = 1.0
     arch_overrides: ClassVar[dict[str, Any] | None] = None
     test_time_mirroring: ClassVar[bool] = True
+    checkpoint_every: ClassVar[int | None] = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -67,6 +72,8 @@ class PumitTrainerBase(nnUNetTrainer):
         self.num_iterations_per_epoch = self.pumit_iterations
         self.num_val_iterations_per_epoch = self.pumit_val_iterations
         self.enable_deep_supervision = True
+        if self.checkpoint_every is not None:
+            self.save_every = self.checkpoint_every
         self._pretrained_route()
 
     # -- network ------------------------------------------------------------------------------------------------

@@ -86,10 +86,7 @@ class PumitTrainer_T_smoke_2epochs(_Smoke, PumitTrainer_T):
     """Two smoke epochs with a checkpoint after each: exercises ``--c`` (resume)."""
 
     pumit_epochs = 2
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.save_every = 1
+    checkpoint_every = 1
 
 
 class PumitTrainer_T_demo(PumitTrainer_T):

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from pumit_nnunet.checkpoints.format import atomic_torch_save
 
 __all__ = ["save_checkpoint_atomic", "load_checkpoint", "capture_rng_state", "restore_rng_state"]
 
@@ -22,18 +23,7 @@ def save_checkpoint_atomic(path: str | os.PathLike, state: dict) -> None:
 
     A crash mid-write leaves the previous checkpoint intact (``os.replace`` is atomic within one folder).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_torch_save(state, path)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

@@ -20,6 +20,11 @@ Distributed training (DDP) goes through torchrun; every process reads its share 
       --rdzv-endpoint HOST:29500 -m pumit_nnunet.cli pretrain tokenizer --data STORE --out RUN
   CPU only (gloo), 2 processes:
     torchrun --standalone --nproc-per-node 2 -m pumit_nnunet.cli pretrain tokenizer --device cpu ...
+Perceptual loss (LPIPS, VGG16) weights are local files, never downloaded: --vgg16 is torchvision's ImageNet
+file vgg16-397923af.pth (https://download.pytorch.org/models/vgg16-397923af.pth), --lpips-lin is lpips/weights/v0.1/
+vgg.pth from the lpips wheel (pip download lpips --no-deps; unzip). Or pass --no-perceptual.
+Sharpening stage (the original's experiment): continue from a finished run with a negative quant weight:
+  ... --init RUN/checkpoint_final.pth --quant-weight -0.1 --steps 300000 --out RUN_SHARP
 --batch-size is per process. Re-run the same command with --resume to continue from RUN/checkpoint_latest.pth
 exactly (model, discriminator, optimisers, scaler, RNG, sampler and the GAN gate are all restored).
 """

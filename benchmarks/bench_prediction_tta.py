@@ -1,0 +1,49 @@
+"""Prediction time per case with and without test-time augmentation (nnU-Net's mirroring over the three axes,
+8 flips), PumitTrainer's network vs nnU-Net's default network from the same plans, on the same real case.
+
+Per case = nnU-Net's ``nnUNetPredictor.predict_single_npy_array`` (set up with ``manual_initialization``):
+preprocessing (resampling to 3 x 0.75 x 0.75 mm, CT window), the sliding window (Gaussian blending) and the
+resampling of the logits back to the case's geometry. Printed as ratios measured in the same run: with/without
+TTA for each network, and PUMIT/default for each setting. Randomly initialised weights (time does not depend
+on them). Default: ViT-B, patch 48x192x192, the whole ``lung1`` CT, CUDA when available (nnU-Net's own
+autocast); ``--quick``: ViT-S, patch 16x64x64, the case cropped, a few CPU minutes.
+Run: ``python benchmarks/bench_prediction_tta.py [--quick] [--device cpu] [--repeats N]``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _bench_common as common  # noqa: E402
+
+
+def time_case(plans: dict, image, properties, config: common.BenchConfig, mirroring: bool) -> float:
+    torch.manual_seed(0)
+    predictor = common.make_predictor(plans, common.network_from_plans(plans, False), config, mirroring)
+    return common.median_seconds(lambda: predictor.predict_single_npy_array(image, properties), config)
+
+
+def main(argv=None) -> int:
+    config, stock, ours = common.setup(argv, __doc__.split("\n\n")[0])
+    print(common.describe(config, ours["configurations"]["3d_fullres"]["patch_size"]))
+    image, properties = common.load_case(config)
+    print(f"case: {image.shape[1:]} voxels at {[round(s, 3) for s in properties['spacing']]} mm; tile step {config.step}")
+
+    networks = {f"PUMIT ViT-{config.vit}": ours, "nnU-Net default": stock}
+    seconds = {(name, tta): time_case(plans, image, properties, config, tta)
+               for name, plans in networks.items() for tta in (False, True)}
+    rows = [(name, seconds[name, False], seconds[name, True], seconds[name, True] / seconds[name, False])
+            for name in networks]
+    common.print_table(["network", "no TTA (s/case)", "8-flip TTA (s/case)", "with/without TTA"], rows)
+    ours_name, ref_name = networks
+    for tta, label in ((False, "no TTA"), (True, "8-flip TTA")):
+        print(f"{label:<10}  PUMIT/nnU-Net default: {seconds[ours_name, tta] / seconds[ref_name, tta]:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
