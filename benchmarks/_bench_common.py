@@ -209,18 +209,29 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fn: Callable[[], Any], config: BenchConfig) -> float:
-    """Median wall time of ``config.repeats`` calls after ``config.warmup`` untimed ones."""
-    for _ in range(config.warmup):
-        fn()
-    times = []
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def interleaved_median_seconds(fns: dict[Any, Callable[[], Any]], config: BenchConfig) -> dict[Any, float]:
+    """Median wall time of each function over ``config.repeats`` rounds (after ``config.warmup`` untimed calls
+    each); every round times all functions in turn, so that a shared machine's load drift hits them alike."""
+    for fn in fns.values():
+        for _ in range(config.warmup):
+            fn()
+    times: dict[Any, list[float]] = {name: [] for name in fns}
     for _ in range(config.repeats):
-        synchronize(config.device)
-        start = time.perf_counter()
-        fn()
-        synchronize(config.device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            times[name].append(_timed(fn, config.device))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def median_seconds(fn: Callable[[], Any], config: BenchConfig) -> float:
+    return interleaved_median_seconds({"fn": fn}, config)["fn"]
 
 
 def describe(config: BenchConfig, pumit_patch: Sequence[int]) -> str:

@@ -21,10 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_common as common  # noqa: E402
 
 
-def time_case(plans: dict, image, properties, config: common.BenchConfig, mirroring: bool) -> float:
+def case_predictions(plans: dict, image, properties, config: common.BenchConfig) -> dict:
+    """One prediction call per TTA setting (the same network)."""
     torch.manual_seed(0)
-    predictor = common.make_predictor(plans, common.network_from_plans(plans, False), config, mirroring)
-    return common.median_seconds(lambda: predictor.predict_single_npy_array(image, properties), config)
+    network = common.network_from_plans(plans, False)
+    return {tta: (lambda p=common.make_predictor(plans, network, config, tta): p.predict_single_npy_array(image, properties))
+            for tta in (False, True)}
 
 
 def main(argv=None) -> int:
@@ -34,8 +36,9 @@ def main(argv=None) -> int:
     print(f"case: {image.shape[1:]} voxels at {[round(s, 3) for s in properties['spacing']]} mm; tile step {config.step}")
 
     networks = {f"PUMIT ViT-{config.vit}": ours, "nnU-Net default": stock}
-    seconds = {(name, tta): time_case(plans, image, properties, config, tta)
-               for name, plans in networks.items() for tta in (False, True)}
+    calls = {(name, tta): fn for name, plans in networks.items()
+             for tta, fn in case_predictions(plans, image, properties, config).items()}
+    seconds = common.interleaved_median_seconds(calls, config)
     rows = [(name, seconds[name, False], seconds[name, True], seconds[name, True] / seconds[name, False])
             for name in networks]
     common.print_table(["network", "no TTA (s/case)", "8-flip TTA (s/case)", "with/without TTA"], rows)

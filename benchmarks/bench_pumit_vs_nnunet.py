@@ -128,10 +128,11 @@ def print_training(train: dict, predict: dict, cuda: bool) -> None:
     print(f"{'sliding window':<20} PUMIT/nnU-Net default: {predict[ours] / predict[ref]:.3f}   (no mirroring)")
 
 
-def measure_prediction(plans: dict, image, properties, config: common.BenchConfig) -> float:
+def sliding_window(plans: dict, image, properties, config: common.BenchConfig):
+    """nnU-Net's sliding window (no mirroring) over the preprocessed case, as a call."""
     data = common.preprocess(plans, image, properties)
     predictor = common.make_predictor(plans, common.network_from_plans(plans, False), config, mirroring=False)
-    return common.median_seconds(lambda: predictor.predict_logits_from_preprocessed_data(data), config)
+    return lambda: predictor.predict_logits_from_preprocessed_data(data)
 
 
 def token_counts(pumit_patch, aniso_d: int, patch) -> tuple[str, int, str, int]:
@@ -150,8 +151,8 @@ def main(argv=None) -> int:
               f"Primus-{config.vit}": lambda: common.primus(config.vit, config.patch_size)}
     train = {name: measure_training(build, config) for name, build in builds.items()}
     image, properties = common.load_case(config)
-    predict = {name: measure_prediction(plans, image, properties, config)
-               for name, plans in ((f"PUMIT ViT-{config.vit}", ours), ("nnU-Net default", stock))}
+    predict = common.interleaved_median_seconds({name: sliding_window(plans, image, properties, config) for name, plans
+                                                 in ((f"PUMIT ViT-{config.vit}", ours), ("nnU-Net default", stock))}, config)
 
     print_training(train, predict, config.device.type == "cuda")
     grid, n_ours, primus_grid, n_primus = token_counts(arch["patch_size"], arch["aniso_d"], config.patch_size)

@@ -21,7 +21,7 @@ __all__ = ["register"]
 
 
 def _add_conversion_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--channel-mode", choices=("sum", "imagenet-fold"), default="sum",
+    parser.add_argument("--channel-mode", choices=("sum", "imagenet-fold"), default=None,
                         help="RGB -> dataset channels: sum and share (the original's rule; any input scaling) or fold "
                              "the ImageNet normalisation into the kernel (input in [0, 1])")
     parser.add_argument("--allow-partial", action="store_true", help="load the matching part only")
@@ -66,8 +66,10 @@ def _target_config(args: argparse.Namespace, weights: Any) -> Any:
 
 
 def _conversion_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {"channel_mode": args.channel_mode, "allow_partial": args.allow_partial,
-            "eva_cls_pos_index": args.eva_cls_pos_index}
+    # an unset --channel-mode keeps what the plans already ask for (e.g. the pretraining-match preset), else "sum"
+    kwargs = {"channel_mode": args.channel_mode, "allow_partial": args.allow_partial,
+              "eva_cls_pos_index": args.eva_cls_pos_index}
+    return {k: v for k, v in kwargs.items() if v is not None}
 
 
 def _inspect(args: argparse.Namespace) -> int:

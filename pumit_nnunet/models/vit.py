@@ -149,7 +149,8 @@ class UniversalViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, dim, *config.pos_embed_shape))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim)) if config.mask_token else None
         self.rope = AdditiveRope3d(dim // config.num_heads, config.rope_bases)
-        rates = torch.linspace(0, config.drop_path_rate, config.depth).tolist()
+        # a plain list (not torch.linspace) so that the model can be built on the meta device
+        rates = [config.drop_path_rate * i / max(config.depth - 1, 1) for i in range(config.depth)]
         self.blocks = nn.ModuleList(
             EvaBlock(dim, config.num_heads, config.mlp_hidden_dim, config.norm_eps, rate) for rate in rates
         )

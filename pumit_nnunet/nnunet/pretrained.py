@@ -7,7 +7,8 @@ Two routes reach :func:`pumit_nnunet.checkpoints.load_vit_weights`:
    nnU-Net network. :func:`install_pretrained_weights_route` (called by ``PumitTrainer.__init__``) wraps that
    module attribute: networks with a ``backbone`` ViT take our route (every supported format; a full results
    checkpoint of the same network loads strictly as a whole); any other network goes to nnU-Net's function.
-   The command line has no room for options, so they come from the environment:
+   The command line has no room for options, so they come from the plans configuration's ``pumit_pretrained``
+   block (options only, e.g. the pretraining-match preset's ``channel_mode``), overridden by the environment:
    ``PUMIT_PRETRAINED_ALLOW_PARTIAL=1`` and ``PUMIT_PRETRAINED_CHANNEL_MODE=sum|imagenet-fold``.
 2. A ``"pumit_pretrained"`` block in a plans configuration (written by ``pumit-nnunet weights attach``):
    ``{"path": str, "allow_partial": bool, "channel_mode": "sum" | "imagenet-fold", "eva_cls_pos_index": 0}``.
@@ -72,11 +73,17 @@ def _backbone(network: Any) -> Any:
     return backbone if isinstance(backbone, UniversalViT) else None
 
 
+#: options of the running trainer's plans block, set by :func:`install_pretrained_weights_route`
+_PLAN_OPTIONS: dict[str, Any] = {}
+
+
 def _options_from_env() -> dict[str, Any]:
-    return validate_pretrained_options({
-        "allow_partial": os.environ.get("PUMIT_PRETRAINED_ALLOW_PARTIAL", "0").lower() in ("1", "true", "yes"),
-        "channel_mode": os.environ.get("PUMIT_PRETRAINED_CHANNEL_MODE", "sum"),
-    })
+    options = dict(_PLAN_OPTIONS)
+    if "PUMIT_PRETRAINED_ALLOW_PARTIAL" in os.environ:
+        options["allow_partial"] = os.environ["PUMIT_PRETRAINED_ALLOW_PARTIAL"].lower() in ("1", "true", "yes")
+    if "PUMIT_PRETRAINED_CHANNEL_MODE" in os.environ:
+        options["channel_mode"] = os.environ["PUMIT_PRETRAINED_CHANNEL_MODE"]
+    return validate_pretrained_options(options)
 
 
 def _same_network(model_state: dict, checkpoint_state: dict) -> bool:
@@ -102,9 +109,14 @@ def pumit_load_pretrained_weights(network: Any, fname: str, verbose: bool = Fals
     return load_vit_weights(network.backbone, weights, log=log, **options)
 
 
-def install_pretrained_weights_route() -> None:
-    """Wrap ``nnunetv2.run.run_training.load_pretrained_weights`` (idempotent); see the module docstring."""
+def install_pretrained_weights_route(plan_options: dict[str, Any] | None = None) -> None:
+    """Wrap ``nnunetv2.run.run_training.load_pretrained_weights`` (idempotent); see the module docstring.
+
+    ``plan_options``: the ``pumit_pretrained`` block of the trainer's plans (its ``path`` is ignored here)."""
     import nnunetv2.run.run_training as run_training
+
+    _PLAN_OPTIONS.clear()
+    _PLAN_OPTIONS.update({k: v for k, v in (plan_options or {}).items() if k != "path"})
 
     current = run_training.load_pretrained_weights
     if getattr(current, "_pumit_route", False):
@@ -134,10 +146,10 @@ def load_pretrained_from_plans(trainer: Any) -> LoadReport | None:
     from pumit_nnunet.checkpoints.load import load_vit_weights
 
     block = trainer.configuration_manager.configuration.get(PLANS_KEY)
-    if not block:
+    if not isinstance(block, (dict, type(None))):
+        raise ValueError(f"plans configuration {trainer.configuration_name!r}: {PLANS_KEY!r} must be a dict")
+    if not block or "path" not in block:  # no weights recorded (a preset may record only options such as channel_mode)
         return None
-    if not isinstance(block, dict) or "path" not in block:
-        raise ValueError(f"plans configuration {trainer.configuration_name!r}: {PLANS_KEY!r} must be a dict with a 'path'")
     options = validate_pretrained_options({k: v for k, v in block.items() if k != "path"})
     path = resolve_weights_path(block["path"], getattr(trainer, "preprocessed_dataset_folder_base", None))
     if not path.is_file():
@@ -165,7 +177,9 @@ def record_pretrained_in_plans(plans_file: str, configuration: str, weights: str
     configurations = plans.get("configurations", {})
     if configuration not in configurations:
         raise KeyError(f"configuration {configuration!r} not in {plans_path} (have: {sorted(configurations)})")
-    block = {"path": str(Path(weights).expanduser().resolve()), **validate_pretrained_options(options)}
+    # options already recorded (e.g. a preset's channel_mode) stay unless given again
+    recorded = {k: v for k, v in (configurations[configuration].get(PLANS_KEY) or {}).items() if k != "path"}
+    block = {"path": str(Path(weights).expanduser().resolve()), **validate_pretrained_options({**recorded, **options})}
     read_weights(block["path"])  # absent, broken or ViT-less files fail here, not hours later in training
     configurations[configuration][PLANS_KEY] = block
     stamp, n = time.strftime("%Y%m%d-%H%M%S"), 0

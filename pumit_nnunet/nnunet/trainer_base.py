@@ -71,10 +71,28 @@ class PumitTrainerBase(nnUNetTrainer):
         self.num_epochs = self.pumit_epochs
         self.num_iterations_per_epoch = self.pumit_iterations
         self.num_val_iterations_per_epoch = self.pumit_val_iterations
+        self.schedule_kind, self.min_lr_ratio = "poly", 0.0
+        self._apply_protocol()
         self.enable_deep_supervision = True
         if self.checkpoint_every is not None:
             self.save_every = self.checkpoint_every
         self._pretrained_route()
+
+    def _apply_protocol(self) -> None:
+        """A plan preset's ``pumit_protocol`` (e.g. BTCV: 50k steps, lr 1e-4, 5k warm-up, cosine) sets the schedule.
+
+        Variants that shorten the run (``_smoke``, ``_5epochs``...) keep their length: they exist to be short."""
+        from pumit_nnunet.nnunet.presets import protocol_from_plans
+
+        protocol = protocol_from_plans(self.configuration_manager.configuration)
+        if protocol is None:
+            return
+        if self.pumit_epochs == PumitTrainerBase.pumit_epochs and self.pumit_iterations == PumitTrainerBase.pumit_iterations:
+            self.num_epochs, self.num_iterations_per_epoch = protocol.epochs, protocol.iterations_per_epoch
+        self.initial_lr, self.weight_decay, self.grad_clip = protocol.learning_rate, protocol.weight_decay, protocol.grad_clip
+        self.warmup_fraction = protocol.warmup_iterations / protocol.iterations
+        self.schedule_kind, self.min_lr_ratio = protocol.schedule, protocol.min_learning_rate / protocol.learning_rate
+        self.print_to_log_file(f"PUMIT protocol from the plans: {protocol}")
 
     # -- network ------------------------------------------------------------------------------------------------
     @staticmethod
@@ -108,9 +126,9 @@ class PumitTrainerBase(nnUNetTrainer):
             load_pretrained_from_plans(self)
 
     def _pretrained_route(self) -> None:
-        from pumit_nnunet.nnunet.pretrained import install_pretrained_weights_route
+        from pumit_nnunet.nnunet.pretrained import PLANS_KEY, install_pretrained_weights_route
 
-        install_pretrained_weights_route()
+        install_pretrained_weights_route(self.configuration_manager.configuration.get(PLANS_KEY))
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         rotation, do_dummy_2d, initial_patch, mirror_axes = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
@@ -126,7 +144,8 @@ class PumitTrainerBase(nnUNetTrainer):
     def configure_optimizers(self):
         optimizer = build_adamw(_unwrap(self.network), self.initial_lr, self.weight_decay)
         warmup = int(round(self.warmup_fraction * self.total_iterations))
-        return optimizer, WarmupDecaySchedule(optimizer, warmup, self.total_iterations, kind="poly")
+        schedule = WarmupDecaySchedule(optimizer, warmup, self.total_iterations, self.schedule_kind, self.min_lr_ratio)
+        return optimizer, schedule
 
     def on_train_epoch_start(self):
         # the schedule is stepped per iteration (nnU-Net's steps per epoch and flattens the groups' lrs)
