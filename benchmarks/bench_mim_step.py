@@ -49,7 +49,7 @@ class PeakMemory:
 
     @staticmethod
     def _status(field: str) -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
             if line.startswith(field):
                 return int(line.split()[1]) * 1024
         return 0
@@ -184,7 +184,7 @@ def _spawn(args, which: str) -> dict:
            str(args.warmup), "--iters", str(args.iters), "--precision", args.precision]
     if args.device:
         cmd += ["--device", args.device]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(cmd, check=True, capture_output=True, encoding="utf-8", errors="replace").stdout
     return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
 
 

@@ -17,7 +17,7 @@ from typing import Sequence
 #: subcommand registration modules, in the order ``--help`` lists them
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "pumit_nnunet.nnunet.cli",  # plan, env
-    "pumit_nnunet.checkpoints.cli",  # weights
+    "pumit_nnunet.nnunet.weights_cli",  # weights (needs the plans side of nnU-Net)
     "pumit_nnunet.corpus.cli",  # corpus
     "pumit_nnunet.pretrain.cli",  # pretrain
     "pumit_nnunet.evaluation.cli",  # evaluate, convert, export, medmnist, label-efficiency
@@ -41,7 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _safe_streams() -> None:
+    """Tables use characters such as '±': on a terminal without UTF-8, replace them instead of crashing."""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
+        if encoding != "utf8" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _safe_streams()
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -78,6 +77,7 @@ def find_cases(folder: Path) -> dict[str, tuple[Path, Path]]:
 def _build_dataset(cases: dict[str, tuple[Path, Path]], raw: Path, dataset_id: int) -> Path:
     import SimpleITK as sitk
 
+    from pumit_nnunet.io import write_image_atomic
     from pumit_nnunet.nnunet.demo_data import SourceCase, crop_around_label, write_raw_dataset
 
     image, label = cases["lung1"]
@@ -89,8 +89,8 @@ def _build_dataset(cases: dict[str, tuple[Path, Path]], raw: Path, dataset_id: i
         (folder / sub).mkdir(exist_ok=True)
     test_image, test_label = crop_around_label(sitk.ReadImage(str(cases["lung2"][0])), sitk.ReadImage(str(cases["lung2"][1])), (20, 112, 112))
     test_label = sitk.Cast(test_label, sitk.sitkUInt8)
-    sitk.WriteImage(test_image, str(folder / "imagesTs" / "lung2_0000.nii.gz"), useCompression=True)
-    sitk.WriteImage(test_label, str(folder / "labelsTs" / "lung2.nii.gz"), useCompression=True)
+    write_image_atomic(test_image, folder / "imagesTs" / "lung2_0000.nii.gz")
+    write_image_atomic(test_label, folder / "labelsTs" / "lung2.nii.gz")
     return folder
 
 
@@ -120,8 +120,6 @@ def _run(args: argparse.Namespace) -> int:
           ["nnUNetv2_train", str(args.dataset_id), "3d_fullres", "0", "-tr", args.trainer, "-device", args.device],
           train_env, (results / "fold_0" / "checkpoint_final.pth").is_file())
     prediction = work / "predictions"
-    if prediction.exists() and not (prediction / "lung2.nii.gz").is_file():
-        shutil.rmtree(prediction)
     _step("predict the held-out scan (stock nnUNetv2_predict)",
           ["nnUNetv2_predict", "-i", str(folder / "imagesTs"), "-o", str(prediction), "-d", str(args.dataset_id), "-c", "3d_fullres",
            "-tr", args.trainer, "-f", "0", "-device", args.device], env, (prediction / "lung2.nii.gz").is_file())

@@ -44,7 +44,10 @@ def build_adamw(
 
 
 def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
-    """lr multiplier: linear warm-up from ~0 to 1 over ``warmup_steps``, then cosine to ``min_ratio`` at ``total_steps``."""
+    """lr multiplier: linear warm-up from ~0 to 1 over ``warmup_steps``, then cosine to ``min_ratio`` at ``total_steps``.
+
+    Unlike the original (timm's scheduler with a warm-up prefix and ``t_initial = max_steps``, updated every 100
+    steps), the cosine spans the steps after the warm-up and reaches ``min_ratio`` exactly at the end of the run."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     span = max(total_steps - warmup_steps, 1)

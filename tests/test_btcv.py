@@ -62,7 +62,7 @@ def test_convert_places_files_and_is_resumable(tmp_path, real_ct, cli_main):
     labels = sorted(p.name for p in (out / "labelsTr").iterdir())
     assert labels == ["BTCV_0001.nii.gz", "BTCV_0002.nii.gz", "BTCV_0021.nii.gz"]
     assert sorted(p.name for p in (out / "imagesTs").iterdir()) == ["BTCV_0061_0000.nii.gz", "BTCV_0062_0000.nii.gz"]
-    dataset = json.loads((out / "dataset.json").read_text())
+    dataset = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
     assert dataset["numTraining"] == 3 and dataset["channel_names"] == {"0": "CT"}
     assert len(dataset["labels"]) == 14 and dataset["labels"]["left adrenal gland"] == 13
     assert not (out / "splits_final.json").exists()
@@ -101,16 +101,16 @@ def test_split_protocols_have_exact_membership(tmp_path, real_ct, cli_main):
     out = tmp_path / "Dataset666_BTCV"
     assert cli_main(["convert", "btcv", str(src), "--out", str(out)]) == 0
     names = sorted(f"BTCV_{i}" for i in ids)
-    smit = json.loads((out / "splits_final.json").read_text())
-    assert smit == json.loads((out / "splits/smit.json").read_text())
+    smit = json.loads((out / "splits_final.json").read_text(encoding="utf-8"))
+    assert smit == json.loads((out / "splits/smit.json").read_text(encoding="utf-8"))
     assert len(smit) == 1 and len(smit[0]["train"]) == 21 and len(smit[0]["val"]) == 9
     smit_val = ("0029", "0030", "0031", "0032", "0034", "0036", "0037", "0039", "0040")
     assert smit[0]["val"] == [f"BTCV_{i}" for i in smit_val]
     assert sorted(smit[0]["train"] + smit[0]["val"]) == names
-    monai = json.loads((out / "splits/monai.json").read_text())
+    monai = json.loads((out / "splits/monai.json").read_text(encoding="utf-8"))
     assert monai[0]["val"] == [f"BTCV_00{i}" for i in range(35, 41)] and len(monai[0]["train"]) == 24
     assert sorted(monai[0]["train"] + monai[0]["val"]) == names
-    five = json.loads((out / "splits/nnunet5fold.json").read_text())
+    five = json.loads((out / "splits/nnunet5fold.json").read_text(encoding="utf-8"))
     expected = generate_crossval_split(names, seed=12345, n_splits=5)
     assert five == [{"train": list(f["train"]), "val": list(f["val"])} for f in expected]
     assert sorted(sum((f["val"] for f in five), [])) == names and all(len(f["val"]) == 6 for f in five)

@@ -117,11 +117,11 @@ def test_convert_is_exact_including_orientation(tmp_path, volumes, cli_main):
     _assert_same_image(read("labelsTr/CHAOS_1_T2SPIR.nii.gz"), labels1[::-1], flipped)
     _assert_same_image(read("imagesTs/CHAOS_2_T1DUAL_0000.nii.gz"), sitk.GetArrayFromImage(grid2), grid2)
     assert not (out / "labelsTr/CHAOS_2_T1DUAL.nii.gz").exists()
-    order = json.loads((out / "chaos_dicom_order.json").read_text())
+    order = json.loads((out / "chaos_dicom_order.json").read_text(encoding="utf-8"))
     assert order["CHAOS_1_T2SPIR"]["dicom_files"] == [f"{n}.dcm" for n in sorted(_names(6))]
     test_entry = order["CHAOS_2_T1DUAL"]
     assert (test_entry["split"], test_entry["rows"], test_entry["cols"]) == ("test", 36, 48)
-    dataset = json.loads((out / "dataset.json").read_text())
+    dataset = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
     assert dataset["numTraining"] == 2 and dataset["labels"]["spleen"] == 4 and len(dataset["channel_names"]) == 2
     verify_dataset_integrity(str(out), 1)  # nnU-Net accepts the dataset
     assert convert_chaos(tmp_path / "CHAOS", out).train_cases == ["CHAOS_1_T1DUAL", "CHAOS_1_T2SPIR"]  # resumes
@@ -143,7 +143,7 @@ def test_export_round_trip(tmp_path, volumes, cli_main):
     assert cli_main(["export", "chaos", str(pred), str(out), str(submission), "--cases", "all"]) == 0
     with zipfile.ZipFile(submission) as archive:
         archive.extractall(tmp_path / "unzipped")
-    order = json.loads((out / "chaos_dicom_order.json").read_text())
+    order = json.loads((out / "chaos_dicom_order.json").read_text(encoding="utf-8"))
     for name, entry in order.items():
         expected = sitk.GetArrayFromImage(sitk.ReadImage(str(pred / f"{name}.nii.gz")))
         np.testing.assert_array_equal(read_submission_case(tmp_path / "unzipped", 5, entry), expected)

@@ -21,7 +21,7 @@ SMALL = ViTConfig(embed_dim=64, depth=2, num_heads=2, mlp_hidden_dim=170, out_in
 @pytest.fixture(autouse=True)
 def only_weights_subcommand(monkeypatch):
     """Exercise ``main`` with our registration module alone, independent of other areas' CLI modules."""
-    monkeypatch.setattr(cli, "SUBCOMMAND_MODULES", ("pumit_nnunet.checkpoints.cli",))
+    monkeypatch.setattr(cli, "SUBCOMMAND_MODULES", ("pumit_nnunet.nnunet.weights_cli",))
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_attach_and_errors(released, tmp_path, capsys):
     plans_file = tmp_path / "plans.json"
     plans_file.write_text(json.dumps({"configurations": {"3d_fullres": {}}}))
     assert main(["weights", "attach", str(plans_file), "3d_fullres", str(released), "--allow-partial"]) == 0
-    block = json.loads(plans_file.read_text())["configurations"]["3d_fullres"]["pumit_pretrained"]
+    block = json.loads(plans_file.read_text(encoding="utf-8"))["configurations"]["3d_fullres"]["pumit_pretrained"]
     assert block["allow_partial"] is True and block["path"] == str(released.resolve())
     capsys.readouterr()
     assert main(["weights", "inspect", str(tmp_path / "absent.ckpt")]) == 1
@@ -88,6 +88,6 @@ def test_console_script(released):
     exe = shutil.which("pumit-nnunet")
     if exe is None:
         pytest.skip("the pumit-nnunet console script is not installed (pip install -e .)")
-    result = subprocess.run([exe, "weights", "inspect", str(released)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([exe, "weights", "inspect", str(released)], capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert result.returncode == 0, result.stderr
     assert "pumit-released" in result.stdout

@@ -137,9 +137,9 @@ def test_record_pretrained_in_plans(tmp_path, released):
     original = {"plans_name": "nnUNetPlans", "configurations": {"3d_fullres": {"patch_size": [8, 64, 64]}}}
     plans_file.write_text(json.dumps(original))
     backup = pretrained.record_pretrained_in_plans(str(plans_file), "3d_fullres", released, channel_mode="imagenet-fold")
-    block = json.loads(plans_file.read_text())["configurations"]["3d_fullres"]["pumit_pretrained"]
+    block = json.loads(plans_file.read_text(encoding="utf-8"))["configurations"]["3d_fullres"]["pumit_pretrained"]
     assert block == {"path": released, "allow_partial": False, "channel_mode": "imagenet-fold", "eva_cls_pos_index": 0}
-    assert json.loads(backup.read_text()) == original
+    assert json.loads(backup.read_text(encoding="utf-8")) == original
     with pytest.raises(KeyError, match="2d"):
         pretrained.record_pretrained_in_plans(str(plans_file), "2d", released)
     with pytest.raises(ValueError, match="unknown"):

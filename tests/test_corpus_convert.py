@@ -200,7 +200,7 @@ def test_cli_convert_inspect_validate_add(layouts, tmp_path, capsys, cli_main):
     assert '"MyCT": 1' in printed and (tmp_path / "counts.png").stat().st_size > 0
     row = _row(read_manifest(out), "MyCT/patient1/series1")
     assert row.modality == "CT" and row.multiplier == 0.5
-    assert json.loads((out / "catalog.json").read_text())["datasets"][0]["name"] == "MyCT"
+    assert json.loads((out / "catalog.json").read_text(encoding="utf-8"))["datasets"][0]["name"] == "MyCT"
     assert cli_main(["corpus", "validate", str(out)]) == 0
     array_path(out, "MyCT/patient1/series1").write_bytes(b"broken")
     assert cli_main(["corpus", "validate", str(out)]) == 1
@@ -210,7 +210,7 @@ def test_console_script_runs(store):
     exe = shutil.which("pumit-nnunet")
     if exe is None:
         pytest.skip("pumit-nnunet console script not installed")
-    result = subprocess.run([exe, "corpus", "validate", str(store)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([exe, "corpus", "validate", str(store)], capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert result.returncode == 0, result.stderr
     assert "0 problems" in result.stdout
 

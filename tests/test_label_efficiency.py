@@ -63,17 +63,17 @@ def test_split_file_is_extended_once_and_changes_are_refused(tmp_path):
     base = _five_folds(CASES)
     (tmp_path / "splits_final.json").write_text(json.dumps(base))
     done = write_label_efficiency_splits(tmp_path, base_fold=0, fractions=(0.2, 0.6, 1.0), seed=1)
-    written = json.loads((tmp_path / "splits_final.json").read_text())
-    assert written[:5] == base and len(written) == 11 and json.loads((tmp_path / BACKUP).read_text()) == base
+    written = json.loads((tmp_path / "splits_final.json").read_text(encoding="utf-8"))
+    assert written[:5] == base and len(written) == 11 and json.loads((tmp_path / BACKUP).read_text(encoding="utf-8")) == base
     assert [r.n_train for r in done["runs"]] == [3, 10, 16] * 2
     assert read_manifest(tmp_path)["runs"] == done["runs"]
     write_label_efficiency_splits(tmp_path, base_fold=0, fractions=(0.2, 0.6, 1.0), seed=1)  # idempotent
-    assert json.loads((tmp_path / "splits_final.json").read_text()) == written
+    assert json.loads((tmp_path / "splits_final.json").read_text(encoding="utf-8")) == written
     with pytest.raises(FileExistsError, match="other settings"):
         write_label_efficiency_splits(tmp_path, base_fold=0, fractions=(0.2, 0.6, 1.0), seed=2)
     write_label_efficiency_splits(tmp_path, base_fold=1, fractions=(0.5,), seed=2, arms=("scratch",), overwrite=True)
-    assert json.loads((tmp_path / "splits_final.json").read_text())[:5] == base
-    assert len(json.loads((tmp_path / "splits_final.json").read_text())) == 6
+    assert json.loads((tmp_path / "splits_final.json").read_text(encoding="utf-8"))[:5] == base
+    assert len(json.loads((tmp_path / "splits_final.json").read_text(encoding="utf-8"))) == 6
 
 
 # --- runner --------------------------------------------------------------------------------------------------------
@@ -149,12 +149,12 @@ def test_run_steps_resume_and_report(raw_ct, tmp_path):
     run_steps(steps, raw_ct / "labelsTr", raw_ct / "dataset.json", runner=_fake_nnunet(raw_ct, calls), log=lambda m: None)
     assert calls == []  # everything done
     csv_path, md_path, png_path = write_report(tmp_path / "out", _manifest()["runs"])
-    rows = [line.split(",") for line in csv_path.read_text().splitlines()]
+    rows = [line.split(",") for line in csv_path.read_text(encoding="utf-8").splitlines()]
     assert rows[0] == ["arm", "fraction", "n_train", "dice", "assd", "hd"] and len(rows) == 5
     pretrained = [r for r in rows[1:] if r[0] == "pretrained"]
     assert all(float(r[3]) == 1.0 and float(r[4]) == 0.0 for r in pretrained)
     assert all(float(r[3]) < 1.0 for r in rows[1:] if r[0] == "scratch")
-    assert "| 50% | 1 |" in md_path.read_text() and png_path.stat().st_size > 0
+    assert "| 50% | 1 |" in md_path.read_text(encoding="utf-8") and png_path.stat().st_size > 0
 
 
 def test_report_tables_from_given_metrics(tmp_path):
@@ -166,8 +166,8 @@ def test_report_tables_from_given_metrics(tmp_path):
         path.parent.mkdir(parents=True)
         path.write_text(json.dumps({"foreground_mean": {"dice": dice, "assd": assd, "hd": hd, "hd95": 0.0}}))
     csv_path, md_path, _ = write_report(tmp_path, runs)
-    assert csv_path.read_text().splitlines()[1] == "scratch,0.5,1,0.61,3.5,20.0"
-    md = md_path.read_text().splitlines()
+    assert csv_path.read_text(encoding="utf-8").splitlines()[1] == "scratch,0.5,1,0.61,3.5,20.0"
+    md = md_path.read_text(encoding="utf-8").splitlines()
     assert md[0] == "| fraction | training cases | Dice scratch | Dice pretrained | ASSD scratch | ASSD pretrained | HD scratch | HD pretrained |"
     assert md[2] == "| 50% | 1 | 0.6100 | 0.7200 | 3.5000 | 2.2500 | 20.0000 | 10.0000 |"
     assert md[3] == "| 100% | 2 | 0.7000 | – | 2.0000 | – | 12.0000 | – |"
@@ -197,7 +197,7 @@ def test_cli_splits_dry_run_and_report(raw_ct, tmp_path, monkeypatch, capsys):
     for key, value in _nnunet_tree(raw_ct, tmp_path).items():
         monkeypatch.setenv(key, value)
     assert _main(["label-efficiency", "splits", "960", "--fractions", "0.5", "1.0", "--arms", "scratch"]) == 0
-    assert len(json.loads((tmp_path / "preprocessed" / raw_ct.name / "splits_final.json").read_text())) == 3
+    assert len(json.loads((tmp_path / "preprocessed" / raw_ct.name / "splits_final.json").read_text(encoding="utf-8"))) == 3
     assert _main(["label-efficiency", "run", "960", "--out", str(tmp_path / "le"), "--device", "cpu", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "nnUNetv2_train 960 3d_fullres 1 -tr PumitTrainer -p nnUNetPlans -device cpu" in out
@@ -209,7 +209,7 @@ def test_cli_splits_dry_run_and_report(raw_ct, tmp_path, monkeypatch, capsys):
 def test_console_script_runs_label_efficiency(raw_ct, tmp_path):
     env = {**os.environ, **_nnunet_tree(raw_ct, tmp_path)}
     result = subprocess.run(["pumit-nnunet", "label-efficiency", "splits", raw_ct.name, "--fractions", "0.5", "1"],
-                            env=env, capture_output=True, text=True)
+                            env=env, capture_output=True, encoding="utf-8", errors="replace")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "fold 4: pretrained" in result.stdout
 
@@ -229,7 +229,7 @@ def test_real_label_efficiency_run_with_the_smoke_trainer(nnunet_root, tmp_path,
     argv = ["label-efficiency", "run", str(CT_ID), "--out", str(out), "-tr", "PumitTrainer_T_smoke", "--device", "cpu",
             "--disable-tta"]
     assert _main(argv) == 0
-    rows = (out / "label_efficiency.csv").read_text().splitlines()
+    rows = (out / "label_efficiency.csv").read_text(encoding="utf-8").splitlines()
     assert rows[0] == "arm,fraction,n_train,dice,assd,hd" and [r.split(",")[:3] for r in rows[1:]] == [
         ["scratch", "0.5", "1"], ["scratch", "1.0", "2"]]
     assert (out / "label_efficiency.png").is_file()

@@ -203,7 +203,7 @@ def test_finetune_resume_equals_uninterrupted_run(tissue_npz, tmp_path):
     with pytest.raises(ValueError, match="finished run with another configuration"):
         finetune(_tiny_config(tissue_npz, tmp_path / "a", lr=1e-3), log=lambda m: None)
     # the kept checkpoint is the best validation AUC, and re-evaluating it reproduces the recorded metrics
-    recorded = json.loads((tmp_path / "a" / RESULTS).read_text())
+    recorded = json.loads((tmp_path / "a" / RESULTS).read_text(encoding="utf-8"))
     model, extra = load_classifier(tmp_path / "a" / BEST)
     assert extra["epoch"] == recorded["best_epoch"] and extra["val_auc"] == pytest.approx(recorded["val_auc"])
     with pytest.raises(ValueError, match="another configuration"):
@@ -238,12 +238,12 @@ def test_select_lr_uses_validation_only():
 def test_sweep_writes_table_with_selection_rule(tissue_npz, tmp_path):
     chosen, csv_path, md_path = run_sweep(_tiny_config(tissue_npz, tmp_path, epochs=1, milestones=()), [1e-4, 1e-3],
                                           tmp_path, log=lambda m: None)
-    rows = [line.split(",") for line in csv_path.read_text().splitlines()]
+    rows = [line.split(",") for line in csv_path.read_text(encoding="utf-8").splitlines()]
     assert rows[0] == ["lr", "best_epoch", "val_auc", "val_acc", "test_auc", "test_acc", "selected"]
     selected = [row for row in rows[1:] if row[-1] == "yes"]
     assert len(selected) == 1 and float(selected[0][0]) == chosen.lr
     assert max(float(row[2]) for row in rows[1:]) == float(selected[0][2])
-    assert "Selection rule" in md_path.read_text() and (tmp_path / "lr_0.001" / RESULTS).is_file()
+    assert "Selection rule" in md_path.read_text(encoding="utf-8") and (tmp_path / "lr_0.001" / RESULTS).is_file()
 
 
 # --- command line --------------------------------------------------------------------------------------------------
@@ -271,14 +271,14 @@ def test_cli_train_and_evaluate(tissue_npz, tmp_path, capsys):
     scores = tmp_path / "scores.csv"
     argv = ["medmnist", "evaluate", str(tmp_path / "run" / BEST), "--npz", str(tissue_npz), "--scores-csv", str(scores)]
     assert _main_with_medmnist(argv) == 0
-    recorded = json.loads((tmp_path / "run" / RESULTS).read_text())
+    recorded = json.loads((tmp_path / "run" / RESULTS).read_text(encoding="utf-8"))
     assert f"AUC {recorded['test_auc']:.4f}" in capsys.readouterr().out
-    assert len(scores.read_text().splitlines()) == 9
+    assert len(scores.read_text(encoding="utf-8").splitlines()) == 9
 
 
 def test_console_script_runs_medmnist(tissue_npz, tmp_path):
     executable = shutil.which("pumit-nnunet")
     assert executable, "the pumit-nnunet console script is not installed"
-    result = subprocess.run([executable, *_train_argv(tissue_npz, tmp_path / "run")], capture_output=True, text=True)
+    result = subprocess.run([executable, *_train_argv(tissue_npz, tmp_path / "run")], capture_output=True, encoding="utf-8", errors="replace")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "test AUC" in result.stdout

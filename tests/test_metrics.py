@@ -198,14 +198,14 @@ def test_evaluate_command_writes_json_csv_and_table(real_demo_dir, tmp_path, cli
             "--nsd-tolerance", "1.0", "2=2.0", "--out", str(tmp_path / "out"), "--workers", "2", "--chaos-score"]
     assert cli_main(argv) == 0
     assert "bone" in capsys.readouterr().out
-    report = json.loads((tmp_path / "out/metrics.json").read_text())
+    report = json.loads((tmp_path / "out/metrics.json").read_text(encoding="utf-8"))
     assert report["labels"] == {"1": "tissue", "2": "bone"} and report["nsd_tolerance_mm"]["2"] == 2.0
     direct = class_metrics(_perturbed(cases["b"], 2) == 2, cases["b"] == 2, spacing, nsd_tolerance_mm=2.0)
     by_case = {c["case"]: c["metrics"] for c in report["metric_per_case"]}
     for metric, value in direct.as_dict().items():
         assert by_case["b"]["2"][metric] == pytest.approx(value, rel=1e-12)
     assert report["mean"]["2"]["dice"] == pytest.approx(np.mean([by_case[c]["2"]["dice"] for c in "ab"]))
-    rows = (tmp_path / "out/metrics.csv").read_text().splitlines()
+    rows = (tmp_path / "out/metrics.csv").read_text(encoding="utf-8").splitlines()
     assert rows[0].startswith("case,label,label_name,dice") and len(rows) == 1 + 2 * 2
 
 
@@ -231,6 +231,6 @@ def test_console_script_evaluate(tmp_path):
     _write_case(tmp_path / "labels", "c", ref, grid)
     _write_case(tmp_path / "pred", "c", np.roll(ref, 1, axis=2), grid)
     done = subprocess.run(["pumit-nnunet", "evaluate", str(tmp_path / "pred"), str(tmp_path / "labels"),
-                           "--labels", "1"], capture_output=True, text=True, timeout=120)
+                           "--labels", "1"], capture_output=True, encoding="utf-8", errors="replace", timeout=120)
     assert done.returncode == 0, done.stderr
-    assert json.loads((tmp_path / "pred/metrics.json").read_text())["mean"]["1"]["dice"] == pytest.approx(0.8)
+    assert json.loads((tmp_path / "pred/metrics.json").read_text(encoding="utf-8"))["mean"]["1"]["dice"] == pytest.approx(0.8)

@@ -36,7 +36,7 @@ def _raw_dataset(real_demo_dir: Path, raw: Path) -> Path:
 
 
 def _nnunet(command: list[str], env: dict[str, str]) -> str:
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=STAGE_TIMEOUT)
+    done = subprocess.run(command, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=STAGE_TIMEOUT)
     assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout
 

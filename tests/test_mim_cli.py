@@ -29,7 +29,7 @@ def test_mim_command_trains_refuses_to_overwrite_and_resumes(store, tokenizer_ck
     assert "--resume" in capsys.readouterr().err
 
     done = subprocess.run(["pumit-nnunet", *_args(store, tokenizer_ckpt, out, 3), "--resume"], capture_output=True,
-                          text=True, timeout=300)
+                          encoding="utf-8", errors="replace", timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     resumed = load_pumit_checkpoint(out / "pumit_mim_final.pth")
     assert resumed.extra["step"] == 3

@@ -66,17 +66,17 @@ def test_ct_3d_train_interrupt_resume_validate_predict(nnunet_root: Path, tmp_pa
     final = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert final["current_epoch"] == 2 and final["trainer_name"] == trainer
     logs = sorted(out.glob("training_log_*.txt"), key=os.path.getmtime)
-    assert "Epoch 1" in logs[-1].read_text() and "Epoch 0\n" not in logs[-1].read_text()
+    assert "Epoch 1" in logs[-1].read_text(encoding="utf-8") and "Epoch 0\n" not in logs[-1].read_text(encoding="utf-8")
     assert (out / "progress.png").is_file()
 
-    plans = json.loads((out.parent / "plans.json").read_text())["configurations"]["3d_fullres"]
+    plans = json.loads((out.parent / "plans.json").read_text(encoding="utf-8"))["configurations"]["3d_fullres"]
     assert plans["architecture"]["network_class_name"] == "pumit_nnunet.models.segmentation.PumitSegNet"
     assert plans["architecture"]["arch_kwargs"]["aniso_d"] == 3  # 5 mm / 0.57 mm
     assert plans["patch_size"] == plans["architecture"]["arch_kwargs"]["patch_size"] == [16, 64, 64]
 
     (out / "validation" / "summary.json").unlink()
     run_command(cmd + ["--val"], env)
-    summary = json.loads((out / "validation" / "summary.json").read_text())
+    summary = json.loads((out / "validation" / "summary.json").read_text(encoding="utf-8"))
     assert "foreground_mean" in summary
 
     # a case of another size than the patch (sliding window + padding), in its own geometry
@@ -93,7 +93,7 @@ def test_ct_2d_configuration_trains_and_predicts(nnunet_root: Path, tmp_path: Pa
     trainer = "PumitTrainer_T_smoke"
     run_command(["nnUNetv2_train", str(CT_ID), "2d", "0", "-tr", trainer, "-device", "cpu", "--npz"], env)
     out = _results(nnunet_root, "Dataset950_RealCTLung5mm", trainer, "2d")
-    arch = json.loads((out / "plans.json").read_text())["configurations"]["2d"]["architecture"]["arch_kwargs"]
+    arch = json.loads((out / "plans.json").read_text(encoding="utf-8"))["configurations"]["2d"]["architecture"]["arch_kwargs"]
     assert arch["patch_size"] == [64, 64]
     image = nnunet_root / "raw" / "Dataset950_RealCTLung5mm" / "imagesTr" / "lung1b_0000.nii.gz"
     (prediction,) = _predict(nnunet_root, CT_ID, "2d", trainer, [image], tmp_path / "pred2d")
@@ -105,7 +105,7 @@ def test_isotropic_mri_3d_trains_and_predicts(nnunet_root: Path, tmp_path: Path)
     trainer = "PumitTrainer_T_smoke"
     run_command(["nnUNetv2_train", str(MRI_ID), "3d_fullres", "0", "-tr", trainer, "-device", "cpu"], env)
     out = _results(nnunet_root, "Dataset951_RealMRIBrain1mm", trainer, "3d_fullres")
-    arch = json.loads((out / "plans.json").read_text())["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    arch = json.loads((out / "plans.json").read_text(encoding="utf-8"))["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
     assert arch["aniso_d"] == 0 and arch["patch_size"] == [32, 64, 64]
     image = nnunet_root / "raw" / "Dataset951_RealMRIBrain1mm" / "imagesTr" / "colin27b_0000.nii.gz"
     (prediction,) = _predict(nnunet_root, MRI_ID, "3d_fullres", trainer, [image], tmp_path / "pred_mri")

@@ -203,7 +203,7 @@ def test_plan_preprocess_and_train_with_stock_commands(planning_root: Path) -> N
     out = run_command(["pumit-nnunet", "plan", "-d", str(CT_ID), "-c", "3d_fullres", "2d", "--vit", "T", "--preprocess"], env).stdout
     assert f"nnUNetv2_train {CT_ID} 3d_fullres 0 -tr PumitTrainer_T -p PumitPlans" in out
     folder = planning_root / "preprocessed" / CT_NAME
-    plans = json.loads((folder / "PumitPlans.json").read_text())
+    plans = json.loads((folder / "PumitPlans.json").read_text(encoding="utf-8"))
     for name, aniso_d in (("3d_fullres", 3), ("2d", 5)):
         c = plans["configurations"][name]
         divisor = patch_divisor(aniso_d, len(c["patch_size"]))
@@ -213,7 +213,7 @@ def test_plan_preprocess_and_train_with_stock_commands(planning_root: Path) -> N
 
     out = run_command(["pumit-nnunet", "plan", "-d", str(CT_ID), "-c", "3d_fullres", "--preset", "btcv", "--preprocess"], env).stdout
     assert "-step_size 0.25 -chk checkpoint_final.pth" in out
-    btcv = json.loads((folder / "PumitPlansBTCV.json").read_text())
+    btcv = json.loads((folder / "PumitPlansBTCV.json").read_text(encoding="utf-8"))
     c = btcv["configurations"]["3d_fullres"]
     assert c["patch_size"] == [48, 192, 192] and c["batch_size"] == 4 and c["spacing"] == [3.0, 0.75, 0.75]
     assert c["pumit_protocol"]["iterations"] == 50_000 and c["normalization_schemes"] == ["CTNormalization"]

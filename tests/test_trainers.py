@@ -32,7 +32,7 @@ def test_the_startup_hook_points_nnunet_at_the_trainers() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("nnUNet_extTrainer", "PUMIT_NNUNET_NO_HOOK")}
     probe = ("from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f; "
              "c = f('PumitTrainer_S_smoke'); print(c.__module__, c.__name__)")
-    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, encoding="utf-8", errors="replace", check=True).stdout
     assert out.split()[-2:] == ["pumit_nnunet.nnunet.trainers", "PumitTrainer_S_smoke"]
 
 

@@ -55,6 +55,8 @@ def source_vit_config(weights: SourceWeights) -> ViTConfig:
     arch = infer_vit_architecture(weights.encoder_state_dict())
     preset = next((p for p in VIT_PRESETS.values() if (p.embed_dim, p.depth) == (arch["embed_dim"], arch["depth"])), None)
     depth = arch["depth"]
+    if arch["patch_depth"] is None:  # a 2D (EVA-02) kernel, e.g. 14x14: ours is the 16^3 SAC kernel it converts into
+        arch = {**arch, "patch_size": 16}
     fields: dict[str, Any] = {
         "embed_dim": arch["embed_dim"], "depth": depth, "in_channels": arch["in_channels"],
         "num_heads": preset.num_heads if preset else max(arch["embed_dim"] // 64, 1),

@@ -173,7 +173,7 @@ def load_catalog(*extra_files: str | Path) -> Catalog:
 
 def write_catalog_file(path: str | Path, specs: list[DatasetSpec]) -> None:
     """Write ``specs`` as a catalog JSON file, atomically."""
-    from pumit_nnunet.corpus.store import atomic_write_text
+    from pumit_nnunet.io import write_text_atomic
 
     payload = {"schema_version": 1, "datasets": [spec.to_dict() for spec in specs]}
-    atomic_write_text(Path(path), json.dumps(payload, indent=1, ensure_ascii=False))
+    write_text_atomic(Path(path), json.dumps(payload, indent=1, ensure_ascii=False))

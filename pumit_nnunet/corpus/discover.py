@@ -148,7 +148,7 @@ def is_nnunet_raw(root: Path) -> bool:
 
 def discover_nnunet_raw(root: Path, spec: DatasetSpec, modality: str = "") -> list[SourceItem]:
     """nnU-Net v2 (``case_XXXX`` per channel) or MSD (4D multi-modal files) raw dataset: imagesTr and imagesTs."""
-    meta = json.loads((root / "dataset.json").read_text())
+    meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     channels = {int(k): v for k, v in (meta.get("channel_names") or meta.get("modality") or {}).items()}
     channel_modalities = tuple(modality or modality_from_channel_name(channels[i]) for i in sorted(channels))
     ending = meta.get("file_ending", ".nii.gz")

@@ -40,7 +40,7 @@ def plot_counts(counts: dict, path: str | os.PathLike) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pumit_nnunet.corpus.store import atomic_write_bytes
+    from pumit_nnunet.io import atomic_write_bytes
     import io
 
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.5))

@@ -32,8 +32,9 @@ class CropGrid:
         return self.tokens_inplane * self.stride
 
     def shape(self, aniso_d: int, is_2d: bool = False) -> tuple[int, int, int]:
-        """Crop (D, H, W): depth ``tokens_depth * max(stride >> aniso_d, 1)``, or 1 for a 2D image."""
-        depth = 1 if is_2d else self.tokens_depth * token_depth(self.stride, aniso_d)
+        """Crop (D, H, W): depth ``tokens_depth * max(stride >> aniso_d, 1)``; 1 for a 2D image and for any volume at
+        ``aniso_d == MAX_ANISO_D`` (reference §4.4: ``tz = 1`` whenever ``2**aniso_d > stride``)."""
+        depth = 1 if is_2d or aniso_d >= MAX_ANISO_D else self.tokens_depth * token_depth(self.stride, aniso_d)
         return depth, self.inplane, self.inplane
 
 

@@ -17,13 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+
+from pumit_nnunet.io import write_text_atomic
 
 STORE_FORMAT = "pumit-corpus"
 STORE_VERSION = 1
@@ -79,29 +80,12 @@ class CorpusRecord:
 RECORD_FIELDS = tuple(f.name for f in fields(CorpusRecord))
 
 
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write to a temporary file in the same folder, then ``os.replace``: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def is_store(path: str | os.PathLike) -> bool:
     marker = Path(path) / "store.json"
     if not marker.is_file():
         return False
     try:
-        return json.loads(marker.read_text()).get("format") == STORE_FORMAT
+        return json.loads(marker.read_text(encoding="utf-8")).get("format") == STORE_FORMAT
     except ValueError:
         return False
 
@@ -113,7 +97,7 @@ def init_store(path: str | os.PathLike) -> Path:
         raise FileExistsError(f"{path} exists, is not empty and is not a corpus store; choose another --out")
     path.mkdir(parents=True, exist_ok=True)
     if not is_store(path):
-        atomic_write_text(path / "store.json", json.dumps({"format": STORE_FORMAT, "version": STORE_VERSION}))
+        write_text_atomic(path / "store.json", json.dumps({"format": STORE_FORMAT, "version": STORE_VERSION}))
     return path
 
 

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from pumit_nnunet.evaluation.files import atomic_path, check_same_geometry, list_images, read_header, read_image
+from pumit_nnunet.evaluation.files import check_same_geometry, list_images, read_header, read_image
+
+from pumit_nnunet.io import atomic_path
 from pumit_nnunet.evaluation.nnunet_raw import (
     Fold,
     PlaceMode,

@@ -18,7 +18,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from pumit_nnunet.evaluation.dicom_series import read_dicom_series
-from pumit_nnunet.evaluation.files import check_same_geometry, write_image_atomic, write_json_atomic
+from pumit_nnunet.evaluation.files import check_same_geometry
+from pumit_nnunet.io import write_image_atomic, write_json_atomic
 from pumit_nnunet.evaluation.nnunet_raw import write_dataset_json
 
 CHAOS_LABELS: dict[str, int] = {"background": 0, "liver": 1, "right kidney": 2, "left kidney": 3, "spleen": 4}
@@ -157,7 +158,7 @@ def convert_chaos(source_root: Path | str, dataset_dir: Path | str) -> ChaosConv
 
     dataset_dir = Path(dataset_dir)
     sidecar_path = dataset_dir / ORDER_SIDECAR
-    order = json.loads(sidecar_path.read_text()) if sidecar_path.is_file() else {}
+    order = json.loads(sidecar_path.read_text(encoding="utf-8")) if sidecar_path.is_file() else {}
     cases = find_chaos_cases(source_root)
     for case in tqdm(cases, desc="CHAOS cases", unit="case"):
         if case.name in order and _case_files_exist(case, dataset_dir):

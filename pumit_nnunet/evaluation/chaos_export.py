@@ -17,7 +17,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from pumit_nnunet.evaluation.chaos import ORDER_SIDECAR, labels_to_png, png_to_labels, read_png_stack
-from pumit_nnunet.evaluation.files import atomic_path, check_same_geometry, read_header, read_image
+from pumit_nnunet.evaluation.files import check_same_geometry, read_header, read_image
+from pumit_nnunet.io import atomic_path
 
 TASKS: tuple[int, ...] = (3, 5)
 
@@ -26,7 +27,7 @@ def load_order(dataset_dir: Path) -> dict[str, dict[str, Any]]:
     path = Path(dataset_dir) / ORDER_SIDECAR
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: convert the dataset with 'pumit-nnunet convert chaos' first")
-    return json.loads(path.read_text())
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def result_dir(task: int, entry: dict[str, Any]) -> str:

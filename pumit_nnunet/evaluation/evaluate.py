@@ -20,14 +20,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from pumit_nnunet.evaluation.files import (
-    Geometry,
-    check_same_geometry,
-    list_images,
-    read_image,
-    write_json_atomic,
-    write_text_atomic,
-)
+from pumit_nnunet.evaluation.files import Geometry, check_same_geometry, list_images, read_image
+from pumit_nnunet.io import write_json_atomic, write_text_atomic
 from pumit_nnunet.evaluation.metrics import METRIC_NAMES, case_metrics, chaos_score
 
 
@@ -68,7 +62,7 @@ def labels_from_dataset_json(path: Path | str) -> tuple[tuple[int, ...], dict[in
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"dataset.json not found: {path}")
-    labels = json.loads(path.read_text()).get("labels")
+    labels = json.loads(path.read_text(encoding="utf-8")).get("labels")
     if not isinstance(labels, dict):
         raise ValueError(f"{path}: no 'labels' mapping")
     names = {}

@@ -2,47 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
-#: file endings SimpleITK reads that we look for in folders (longest first so ".nii.gz" wins over ".gz")
-IMAGE_ENDINGS: tuple[str, ...] = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".tif", ".tiff")
-
+from pumit_nnunet.io import IMAGE_ENDINGS
 
 class GeometryMismatchError(ValueError):
     """Two images that must share a voxel grid do not (size, spacing, origin or direction differ)."""
-
-
-@contextmanager
-def atomic_path(target: Path | str) -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; on success it replaces ``target`` in one step."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_text_atomic(path: Path | str, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
-def write_json_atomic(path: Path | str, data: Any) -> None:
-    """JSON with indent 2; NaN and inf are written as ``NaN``/``Infinity`` (as nnU-Net's summary.json)."""
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def refuse_to_overwrite(path: Path, overwrite: bool) -> None:
@@ -132,17 +101,3 @@ def read_header(path: Path | str) -> Any:
     return reader
 
 
-def write_image_atomic(image: Any, path: Path | str, compress: bool = True) -> None:
-    """Write a SimpleITK image atomically; the temporary file keeps the ending so the format is chosen right."""
-    import SimpleITK as sitk
-
-    path = Path(path)
-    ending = next((e for e in IMAGE_ENDINGS if path.name.endswith(e)), path.suffix)
-    with atomic_path(path) as tmp:
-        with_ending = tmp.with_name(tmp.name + ending)
-        try:
-            sitk.WriteImage(image, str(with_ending), compress)
-            os.replace(with_ending, tmp)
-        finally:
-            if with_ending.exists():
-                with_ending.unlink()

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pumit_nnunet.evaluation.files import write_json_atomic, write_text_atomic
+from pumit_nnunet.io import write_json_atomic, write_text_atomic
 from pumit_nnunet.evaluation.nnunet_raw import Fold, check_folds, write_splits
 
 __all__ = ["FRACTIONS", "ARMS", "MANIFEST", "subset_size", "nested_subsets", "LabelEfficiencyRun",
@@ -99,7 +99,7 @@ def read_manifest(preprocessed_dataset_dir: str | os.PathLike) -> dict[str, Any]
     path = Path(preprocessed_dataset_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run 'pumit-nnunet label-efficiency splits' first")
-    manifest = json.loads(path.read_text())
+    manifest = json.loads(path.read_text(encoding="utf-8"))
     manifest["runs"] = [LabelEfficiencyRun(**run) for run in manifest["runs"]]
     return manifest
 
@@ -108,7 +108,7 @@ def _read_splits(path: Path) -> list[Fold]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: give the dataset a splits_final.json (nnUNetv2_train writes the "
                                 "default 5-fold one on its first run, or copy your own there)")
-    return json.loads(path.read_text())
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def write_label_efficiency_splits(preprocessed_dataset_dir: str | os.PathLike, base_fold: int = 0,
@@ -122,7 +122,7 @@ def write_label_efficiency_splits(preprocessed_dataset_dir: str | os.PathLike, b
     folder = Path(preprocessed_dataset_dir)
     splits_path = folder / "splits_final.json"
     splits = _read_splits(splits_path)
-    previous = json.loads((folder / MANIFEST).read_text()) if (folder / MANIFEST).is_file() else None
+    previous = json.loads((folder / MANIFEST).read_text(encoding="utf-8")) if (folder / MANIFEST).is_file() else None
     base_folds = splits[: previous["n_base_folds"]] if previous else splits
     folds, runs = label_efficiency_folds(base_folds, base_fold, fractions, seed, arms)
     check_folds(folds, sorted({c for f in base_folds for c in (*f["train"], *f["val"])}))
@@ -204,7 +204,7 @@ def plan_steps(settings: RunnerSettings, manifest: dict[str, Any], results_dir: 
 
 def link_validation_images(raw_dataset_dir: Path, cases: Sequence[str], target: Path) -> Path:
     """Symlink the channel files of ``cases`` from ``imagesTr`` into ``target`` (the prediction input folder)."""
-    ending = json.loads((raw_dataset_dir / "dataset.json").read_text())["file_ending"]
+    ending = json.loads((raw_dataset_dir / "dataset.json").read_text(encoding="utf-8"))["file_ending"]
     target.mkdir(parents=True, exist_ok=True)
     for case in cases:
         files = sorted((raw_dataset_dir / "imagesTr").glob(f"{case}_[0-9][0-9][0-9][0-9]{ending}"))
@@ -251,7 +251,7 @@ def collect_rows(out_dir: Path, runs: Sequence[LabelEfficiencyRun]) -> list[dict
     for run in runs:
         path = run_dir(out_dir, run.arm, run.fraction) / "metrics.json"
         if path.is_file():
-            summary = json.loads(path.read_text())["foreground_mean"]
+            summary = json.loads(path.read_text(encoding="utf-8"))["foreground_mean"]
             rows.append({"arm": run.arm, "fraction": run.fraction, "n_train": run.n_train,
                          **{m: float(summary[m]) for m in REPORT_METRICS}})
     return rows

@@ -88,5 +88,5 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 def _print_report(paths: tuple[Path, Path, Path]) -> None:
-    print(paths[1].read_text())
+    print(paths[1].read_text(encoding="utf-8"))
     print(f"wrote {', '.join(map(str, paths))}")

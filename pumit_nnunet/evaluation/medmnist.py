@@ -116,7 +116,7 @@ def load_medmnist(path: str | os.PathLike, splits: Sequence[str] = SPLITS) -> di
 
 def save_medmnist_npz(path: str | os.PathLike, data: Mapping[str, MedMNISTSplit]) -> None:
     """Write splits in the official layout (uncompressed ``np.savez``, as the released files), atomically."""
-    from pumit_nnunet.evaluation.files import atomic_path
+    from pumit_nnunet.io import atomic_path
 
     arrays = {}
     for split, part in data.items():

@@ -91,7 +91,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
 
     lrs = list(args.lrs or PAPER_LRS)
     chosen, csv_path, md_path = run_sweep(_config(args, args.out, lrs[0]), lrs, args.out)
-    print(md_path.read_text())
+    print(md_path.read_text(encoding="utf-8"))
     print(f"selected lr {chosen.lr:g}; wrote {csv_path} and {md_path}")
     return 0
 
@@ -111,7 +111,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     scores = predict_scores(model, split, extra["task"], extra["input_size"], intensity_scale=scale)
     metrics = medmnist_metrics(split.labels, scores, extra["task"])
     if args.scores_csv:
-        from pumit_nnunet.evaluation.files import write_text_atomic
+        from pumit_nnunet.io import write_text_atomic
 
         rows = [",".join([str(i), *(repr(float(v)) for v in row)]) for i, row in enumerate(np.atleast_2d(scores))]
         write_text_atomic(args.scores_csv, "\n".join(rows) + "\n")

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pumit_nnunet.checkpoints.format import AdaptationPlan, PretrainPlan, load_pumit_checkpoint, save_pumit_checkpoint
-from pumit_nnunet.evaluation.files import write_json_atomic
+from pumit_nnunet.io import write_json_atomic
 from pumit_nnunet.evaluation.medmnist import MedMNISTInfo, MedMNISTSplit, load_medmnist, medmnist_info, model_input
 from pumit_nnunet.evaluation.medmnist_metrics import MULTI_LABEL, ClassificationMetrics, medmnist_metrics
 from pumit_nnunet.models.classifier import PumitClassifier, classifier_vit_config
@@ -226,7 +226,7 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> Fine
 
     out = Path(config.out_dir)
     if (out / RESULTS).is_file():
-        recorded = json.loads((out / RESULTS).read_text())
+        recorded = json.loads((out / RESULTS).read_text(encoding="utf-8"))
         if recorded.get("config") != json.loads(json.dumps(config.to_dict())):
             raise ValueError(f"{out / RESULTS} holds a finished run with another configuration; use a new folder")
         return FinetuneResult.from_dict(recorded)
@@ -307,7 +307,7 @@ def sweep_table(results: list[FinetuneResult], dataset: str) -> tuple[str, str]:
 def run_sweep(base: FinetuneConfig, lrs: list[float], out_root: str | os.PathLike,
               log: Callable[[str], None] = print) -> tuple[FinetuneResult, Path, Path]:
     """Fine-tune once per lr (each resumable in ``out_root/lr_<lr>``), write ``sweep.csv`` and ``sweep.md``."""
-    from pumit_nnunet.evaluation.files import write_text_atomic
+    from pumit_nnunet.io import write_text_atomic
 
     results = []
     for lr in lrs:

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
-from pumit_nnunet.evaluation.files import atomic_path, write_json_atomic
+from pumit_nnunet.io import atomic_path, write_json_atomic
 
 PlaceMode = Literal["symlink", "copy"]
 Fold = dict[str, list[str]]

@@ -29,7 +29,9 @@ def level_stride(level: int, aniso_d: int) -> tuple[int, int, int]:
 
 
 def _kernel(level: int, aniso_d: int) -> tuple[int, int, int]:
-    # while voxels are still thick (level < aniso_d), a 3x3x3 kernel would mix far-apart slices: use 1x3x3 (SAC's 3x3 variant)
+    # while voxels are still thick (level < aniso_d), a 3x3x3 kernel would mix far-apart slices: use 1x3x3 (SAC's 3x3
+    # variant). The authors' full-resolution branch always used 1x3x3 (their patch depth 4 means aniso_d 2 there);
+    # we follow the SAC rule instead, so isotropic data (aniso_d 0) gets 3x3x3 from full resolution on.
     return (1, 3, 3) if level < aniso_d else (3, 3, 3)
 
 

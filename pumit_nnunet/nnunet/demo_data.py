@@ -6,7 +6,6 @@ planning, preprocessing, training and prediction run in CPU-minutes on real anat
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,8 @@ from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
+
+from pumit_nnunet.io import write_image_atomic, write_json_atomic
 
 __all__ = ["SourceCase", "crop_around_label", "write_raw_dataset"]
 
@@ -47,12 +48,6 @@ def crop_around_label(image: sitk.Image, label: sitk.Image, size_zyx: Sequence[i
     return (sitk.RegionOfInterest(image, size_xyz, index_xyz), sitk.RegionOfInterest(label, size_xyz, index_xyz))
 
 
-def _atomic_write(image: sitk.Image, path: Path) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    sitk.WriteImage(image, str(tmp), useCompression=True)
-    os.replace(tmp, path)
-
-
 def write_raw_dataset(cases: Sequence[SourceCase], raw_root: str | os.PathLike, dataset_id: int, name: str,
                       channel_name: str, label_names: dict[str, int], crop_zyx: Sequence[int],
                       splits: list[dict[str, list[str]]] | None = None) -> Path:
@@ -71,11 +66,11 @@ def write_raw_dataset(cases: Sequence[SourceCase], raw_root: str | os.PathLike, 
         image, label = crop_around_label(image, label, crop_zyx, case.shift)
         label = sitk.Cast(label, sitk.sitkUInt8)
         label.CopyInformation(image)
-        _atomic_write(image, folder / "imagesTr" / f"{case.name}_0000.nii.gz")
-        _atomic_write(label, folder / "labelsTr" / f"{case.name}.nii.gz")
+        write_image_atomic(image, folder / "imagesTr" / f"{case.name}_0000.nii.gz")
+        write_image_atomic(label, folder / "labelsTr" / f"{case.name}.nii.gz")
     dataset = {"channel_names": {"0": channel_name}, "labels": label_names, "numTraining": len(cases),
                "file_ending": ".nii.gz", "description": "made by pumit-nnunet from real scans (cropped around the label)"}
-    (folder / "dataset.json").write_text(json.dumps(dataset, indent=2))
+    write_json_atomic(folder / "dataset.json", dataset)
     if splits is not None:
-        (folder / "splits_final.json").write_text(json.dumps(splits, indent=2))
+        write_json_atomic(folder / "splits_final.json", splits)
     return folder

@@ -76,7 +76,7 @@ def find_dataset(raw: Path, dataset: str) -> tuple[int, str]:
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise PlanError(f"{path} is not valid JSON: {error}") from None
 

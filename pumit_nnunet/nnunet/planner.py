@@ -175,7 +175,7 @@ class PumitPlanner(ExperimentPlanner):
         if not path.is_file():
             return None
         try:
-            plans = json.loads(path.read_text())
+            plans = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:
             raise ValueError(f"stock plans file {path} is not valid JSON: {error}") from None
         if configuration not in plans.get("configurations", {}) or "inherits_from" in plans["configurations"][configuration]:
@@ -286,20 +286,22 @@ class PumitPlanner(ExperimentPlanner):
             if self.preset.protocol is not None and name in self.preset.configurations:
                 configuration[PROTOCOL_KEY] = self.preset.protocol.to_dict()
             if self.preset.pretrained is not None:
-                configuration["pumit_pretrained"] = dict(self.preset.pretrained)
+                from pumit_nnunet.nnunet.pretrained import PLANS_KEY
+
+                configuration[PLANS_KEY] = dict(self.preset.pretrained)
 
     def save_plans(self, plans: dict[str, Any]) -> None:
         """Apply the preset, keep configurations of an existing plans file (as nnU-Net does), write atomically."""
         from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 
-        from pumit_nnunet.evaluation.files import write_text_atomic
+        from pumit_nnunet.io import write_text_atomic
 
         self._apply_preset(plans)
         recursive_fix_for_json_export(plans)
         path = Path(nnUNet_preprocessed, self.dataset_name, f"{self.plans_identifier}.json")
         if path.is_file():
             try:
-                old = json.loads(path.read_text())["configurations"]
+                old = json.loads(path.read_text(encoding="utf-8"))["configurations"]
             except (json.JSONDecodeError, KeyError, TypeError) as error:
                 raise ValueError(f"existing plans file {path} is corrupt ({error!r}); move it away or pick another "
                                  "--plans-name") from None

@@ -167,7 +167,7 @@ def load_preset(name_or_path: str | os.PathLike) -> PlanPreset:
     if not path.is_file():
         raise PresetError(f"preset file {path} does not exist")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise PresetError(f"preset file {path} is not valid JSON: {error}") from None
     return parse_preset(data, str(path))

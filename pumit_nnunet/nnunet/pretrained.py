@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from pumit_nnunet.checkpoints.convert import CHANNEL_MODES
 from pumit_nnunet.checkpoints.report import LoadReport
-from pumit_nnunet.evaluation.files import write_text_atomic
+from pumit_nnunet.checkpoints.load import unwrap_network
+from pumit_nnunet.io import write_text_atomic
 
 if TYPE_CHECKING:
     from pumit_nnunet.models.vit import ViTConfig
@@ -48,6 +49,8 @@ __all__ = [
 ]
 
 PLANS_KEY = "pumit_pretrained"
+#: attribute set on a network once ``-pretrained_weights`` loaded into it (weights recorded in the plans then yield)
+WEIGHTS_LOADED_FLAG = "_pumit_pretrained_loaded"
 _DEFAULT_OPTIONS: dict[str, Any] = {"allow_partial": False, "channel_mode": "sum", "eva_cls_pos_index": 0}
 
 
@@ -127,6 +130,7 @@ def install_pretrained_weights_route(plan_options: dict[str, Any] | None = None)
             return current(network, fname, verbose=verbose)
         print(f"################### PUMIT: loading pre-trained weights from {fname} ###################")
         pumit_load_pretrained_weights(network, fname, verbose)
+        setattr(unwrap_network(network), WEIGHTS_LOADED_FLAG, True)
 
     load_pretrained_weights._pumit_route = True  # type: ignore[attr-defined]
     load_pretrained_weights.__wrapped__ = current  # type: ignore[attr-defined]
@@ -173,7 +177,7 @@ def record_pretrained_in_plans(plans_file: str, configuration: str, weights: str
     plans_path = Path(plans_file)
     if not plans_path.is_file():
         raise FileNotFoundError(f"plans file {plans_path} does not exist")
-    plans = json.loads(plans_path.read_text())
+    plans = json.loads(plans_path.read_text(encoding="utf-8"))
     configurations = plans.get("configurations", {})
     if configuration not in configurations:
         raise KeyError(f"configuration {configuration!r} not in {plans_path} (have: {sorted(configurations)})")
@@ -215,8 +219,8 @@ def plan_vit_config(base: ViTConfig, plans_file: str | os.PathLike, configuratio
     for path in (plans_path, dataset_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist")
-    plans = json.loads(plans_path.read_text())
-    dataset = json.loads(dataset_path.read_text())
+    plans = json.loads(plans_path.read_text(encoding="utf-8"))
+    dataset = json.loads(dataset_path.read_text(encoding="utf-8"))
     channels = len(dataset.get("channel_names", dataset.get("modality", {})))
     vit = {k: v for k, v in base.to_dict().items()}
     resolved = adapt_configuration(copy.deepcopy(plans), configuration, vit)

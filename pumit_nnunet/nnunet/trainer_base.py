@@ -7,7 +7,6 @@ the network (:class:`pumit_nnunet.models.segmentation.PumitSegNet`), the optimis
 
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
 from typing import Any, ClassVar, Sequence
 
@@ -17,15 +16,12 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from torch import nn
 
+from pumit_nnunet.checkpoints.load import unwrap_network
+from pumit_nnunet.io import atomic_path
 from pumit_nnunet.nnunet.plans import PUMIT_NETWORK, adapt_configuration
 from pumit_nnunet.optim import WarmupDecaySchedule, build_adamw
 
 __all__ = ["PumitTrainerBase"]
-
-
-def _unwrap(network: nn.Module) -> nn.Module:
-    network = getattr(network, "module", network)  # DDP
-    return getattr(network, "_orig_mod", network)  # torch.compile
 
 
 class PumitTrainerBase(nnUNetTrainer):
@@ -62,8 +58,6 @@ class PumitTrainerBase(nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
-        # nnU-Net pops this in its constructor; on --c the checkpoint's weights win over pre-trained ones
-        self.is_continuation = bool(plans.get("continue_training", False))
         adapt_configuration(plans, configuration, self.vit_size, self.patch_cap, self.batch_size_override, self.arch_overrides)
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = self.base_lr
@@ -116,14 +110,16 @@ class PumitTrainerBase(nnUNetTrainer):
         kwargs = self.configuration_manager.network_arch_init_kwargs
         return deep_supervision_scales(len(kwargs["patch_size"]), kwargs["aniso_d"])
 
-    def initialize(self):
-        if self.was_initialized:
-            return
-        super().initialize()
-        if not self.is_continuation:
-            from pumit_nnunet.nnunet.pretrained import load_pretrained_from_plans
+    def on_train_start(self):
+        # weights recorded in the plans seed a *fresh* run only: not --c with a checkpoint (current_epoch > 0),
+        # not --val (no training), and not when -pretrained_weights already loaded weights (it wins)
+        from pumit_nnunet.nnunet.pretrained import WEIGHTS_LOADED_FLAG, load_pretrained_from_plans
 
+        if not self.was_initialized:
+            self.initialize()
+        if self.current_epoch == 0 and not getattr(unwrap_network(self.network), WEIGHTS_LOADED_FLAG, False):
             load_pretrained_from_plans(self)
+        super().on_train_start()
 
     def _pretrained_route(self) -> None:
         from pumit_nnunet.nnunet.pretrained import PLANS_KEY, install_pretrained_weights_route
@@ -142,7 +138,7 @@ class PumitTrainerBase(nnUNetTrainer):
         return self.num_epochs * self.num_iterations_per_epoch
 
     def configure_optimizers(self):
-        optimizer = build_adamw(_unwrap(self.network), self.initial_lr, self.weight_decay)
+        optimizer = build_adamw(unwrap_network(self.network), self.initial_lr, self.weight_decay)
         warmup = int(round(self.warmup_fraction * self.total_iterations))
         schedule = WarmupDecaySchedule(optimizer, warmup, self.total_iterations, self.schedule_kind, self.min_lr_ratio)
         return optimizer, schedule
@@ -190,7 +186,7 @@ class PumitTrainerBase(nnUNetTrainer):
     # -- checkpoints --------------------------------------------------------------------------------------------
     def save_checkpoint(self, filename: str) -> None:
         # nnU-Net writes in place; an interruption mid-write would destroy the last good checkpoint
-        tmp = f"{filename}.tmp-{os.getpid()}"
-        super().save_checkpoint(tmp)
-        if os.path.isfile(tmp):
-            os.replace(tmp, filename)
+        if self.local_rank != 0 or self.disable_checkpointing:
+            return super().save_checkpoint(filename)  # writes nothing (logs why on rank 0)
+        with atomic_path(filename) as tmp:
+            super().save_checkpoint(str(tmp))

@@ -43,22 +43,32 @@ class PumitTrainer_T(PumitTrainerBase):
 
 
 class PumitTrainer_5epochs(PumitTrainer):
+    """ViT-B, 5 epochs."""
+
     pumit_epochs = 5
 
 
 class PumitTrainer_50epochs(PumitTrainer):
+    """ViT-B, 50 epochs."""
+
     pumit_epochs = 50
 
 
 class PumitTrainer_L_5epochs(PumitTrainer_L):
+    """ViT-L, 5 epochs."""
+
     pumit_epochs = 5
 
 
 class PumitTrainer_S_5epochs(PumitTrainer_S):
+    """ViT-S, 5 epochs."""
+
     pumit_epochs = 5
 
 
 class PumitTrainer_S_50epochs(PumitTrainer_S):
+    """ViT-S, 50 epochs."""
+
     pumit_epochs = 50
 
 
@@ -75,11 +85,11 @@ class _Smoke:
 
 
 class PumitTrainer_S_smoke(_Smoke, PumitTrainer_S):
-    pass
+    """ViT-S smoke run (see ``_Smoke``)."""
 
 
 class PumitTrainer_T_smoke(_Smoke, PumitTrainer_T):
-    pass
+    """Tiny smoke run (see ``_Smoke``): what the end-to-end tests use."""
 
 
 class PumitTrainer_T_smoke_2epochs(_Smoke, PumitTrainer_T):

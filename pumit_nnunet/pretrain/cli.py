@@ -70,7 +70,8 @@ def _register_tokenizer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-lr-ratio", type=float, default=0.01, help="final lr / lr of the cosine (default 0.01)")
     p.add_argument("--quant-weight", type=float, default=0.03, help="w_quant of -H(mean p); negative sharpens")
     p.add_argument("--entropy-weight", type=float, default=1.0, help="w_ent of mean H(p_i)")
-    p.add_argument("--perceptual-weight", type=float, default=1.0)
+    p.add_argument("--perceptual-weight", type=float, default=2.0,
+                   help="LPIPS weight (default 2: the original multiplies LPIPS by 2 inside the loss; ours does not)")
     p.add_argument("--gan-weight", type=float, default=3e-3)
     p.add_argument("--gan-threshold", type=float, default=0.025, help="GAN term on while max(EMA, last) D loss <= this")
     p.add_argument("--max-perceptual-slices", type=int, default=24)

@@ -40,7 +40,7 @@ class TokenizerLossWeights:
         max_perceptual_slices: random 2D slices per sample that LPIPS sees while training.
     """
 
-    perceptual: float = 1.0
+    perceptual: float = 2.0  # the original: weight 1 on LPIPS x 2 (our LPIPS has no x 2)
     quant: float = 0.03
     entropy: float = 1.0
     gan: float = 3e-3

@@ -112,6 +112,11 @@ def save_mim_pictures(path: str | os.PathLike, result: MIMStepResult, tokenizer:
                     col_titles=["input", "visible tokens", "tokenizer: targets", "decoded prediction"])
 
 
+#: settings that do not change the optimisation, so a resumed run may differ in them
+RESUME_MAY_CHANGE = frozenset({"data", "out", "device", "num_workers", "log_every", "ckpt_every", "image_every",
+                               "resume", "init", "steps"})
+
+
 class MIMTrainer:
     """One process's share of a MIM run.
 
@@ -267,6 +272,15 @@ class MIMTrainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        changed = {k: (v, getattr(self.config, k, None)) for k, v in state["config"].items()
+                   if k not in RESUME_MAY_CHANGE and getattr(self.config, k, None) != v}
+        if changed:
+            detail = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
+            raise ValueError(f"--resume with a different recipe would not continue the same run ({detail}); "
+                             "start a new run folder (use --init with its checkpoint) instead")
+        if state["config"].get("steps") != self.config.steps and is_main(self.info):
+            print(f"note: --steps changed from {state['config'].get('steps')} to {self.config.steps}: the cosine "
+                  "schedule is stretched from here on")
         if state["world_size"] != self.info.world_size:
             raise ValueError(f"the checkpoint was written by {state['world_size']} processes, this run has "
                              f"{self.info.world_size}: exact resume needs the same number")
@@ -289,7 +303,7 @@ class MIMTrainer:
             save_checkpoint_atomic(self.out / TRAIN_STATE, state)
             self.export(self.out / PUMIT_LATEST)
             tmp = self.out / ".history.json.tmp"
-            tmp.write_text(json.dumps(self.history))
+            tmp.write_text(json.dumps(self.history), encoding="utf-8")
             os.replace(tmp, self.out / "history.json")
 
     def resume(self) -> bool:

@@ -60,7 +60,7 @@ class TokenizerTrainConfig:
     min_lr_ratio: float = 0.01
     quant_weight: float = 0.03
     entropy_weight: float = 1.0
-    perceptual_weight: float = 1.0
+    perceptual_weight: float = 2.0  # the original's weight 1 on its LPIPS x 2
     gan_weight: float = 3e-3
     gan_threshold: float = 0.025
     max_perceptual_slices: int = 24
@@ -280,7 +280,7 @@ class TokenizerTrainer:
 
 def _write_json_atomic(path: Path, data: dict) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
         json.dump(data, handle)
     os.replace(tmp, path)
 
