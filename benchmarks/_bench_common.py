@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -62,7 +61,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--vit", default=None, choices=sorted(PRIMUS), help="ViT size (default B, quick S)")
     parser.add_argument("--step", type=float, default=0.5, help="sliding-window tile step (nnU-Net's default 0.5)")
-    parser.add_argument("--data", type=Path, default=None, help="real-demo folder (default ../shared/data/real-demo)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="real-demo folder (default: built by pumit_nnunet.data in the data cache)")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -82,12 +82,14 @@ def setup(argv: Sequence[str] | None, description: str) -> tuple[BenchConfig, di
 
 
 def find_real_demo(path: Path | None) -> Path:
-    candidates = [path, os.environ.get("PUMIT_REAL_DEMO"), Path(__file__).resolve().parents[2] / "shared/data/real-demo"]
-    for candidate in candidates:
-        if candidate and (Path(candidate) / CASE[0] / "imagesTr" / f"{CASE[1]}_0000.nii.gz").is_file():
-            return Path(candidate)
-    raise SystemExit(f"real demo case {CASE[0]}/imagesTr/{CASE[1]}_0000.nii.gz not found: pass --data FOLDER "
-                     "or set PUMIT_REAL_DEMO")
+    """``path`` if given, else the real-demo folder that the project's own fetcher builds in its data cache."""
+    if path is None:
+        from pumit_nnunet.data import cached_real_demo
+
+        return cached_real_demo()
+    if not (Path(path) / CASE[0] / "imagesTr" / f"{CASE[1]}_0000.nii.gz").is_file():
+        raise SystemExit(f"real demo case {CASE[0]}/imagesTr/{CASE[1]}_0000.nii.gz not found under {path}")
+    return Path(path)
 
 
 # -- plans and networks ----------------------------------------------------------------------------------------

@@ -95,7 +95,7 @@ def _mim_trainer(args, device, workdir: str):
     from pumit_nnunet.pretrain.distributed import DistInfo
     from pumit_nnunet.pretrain.mim_trainer import MIMTrainConfig, MIMTrainer
 
-    config = tokenizer_config("base")
+    config = tokenizer_config(getattr(args, "tokenizer", "base"))
     path = os.path.join(workdir, "tokenizer.pth")
     save_pumit_checkpoint(path, kind="tokenizer", state_dict=UniversalTokenizer(config).state_dict(),
                           architecture=config.to_dict())
@@ -181,7 +181,7 @@ def _child(args) -> None:
 
 def _spawn(args, which: str) -> dict:
     cmd = [sys.executable, __file__, "--only", which, "--vit", args.vit, "--batch", str(args.batch), "--warmup",
-           str(args.warmup), "--iters", str(args.iters), "--precision", args.precision]
+           str(args.warmup), "--iters", str(args.iters), "--precision", args.precision, "--tokenizer", args.tokenizer]
     if args.device:
         cmd += ["--device", args.device]
     out = subprocess.run(cmd, check=True, capture_output=True, encoding="utf-8", errors="replace").stdout
@@ -230,6 +230,7 @@ def main(argv=None) -> int:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
     parser.add_argument("--device", default=None)
+    parser.add_argument("--tokenizer", default="base", help="tokenizer preset of the MIM targets (base: the paper's)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak for MFU")
     parser.add_argument("--only", choices=("mim", "timm"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -1,12 +1,17 @@
-"""PumitTrainer's network vs nnU-Net's default network (same plans) and Primus (same patch): training step and
-sliding-window prediction, printed as ratios measured in the same run.
+"""PumitTrainer's network (the authors' decoder widths and the "lite" decoder) vs nnU-Net's default network (same
+plans) and Primus (same patch): training step and sliding-window prediction, printed as ratios measured in the
+same run.
 
-* Training step = forward + nnU-Net's loss (Dice + CE, wrapped in its deep-supervision weighting where the
+* Training step (timed interleaved: every round runs each network once) = forward + nnU-Net's loss (Dice + CE, wrapped in its deep-supervision weighting where the
   network has deep supervision) + backward + gradient clipping 1.0 + AdamW step (``build_adamw``, for every
   network), batch 2 of random input. Memory: on CUDA the peak allocated bytes above what was allocated before
   the network was built (``torch.cuda.max_memory_allocated``: parameters, gradients, AdamW state, activations,
   workspace); on the CPU the bytes of the unique storages that autograd saves for backward in one forward + loss
-  (``saved_tensors_hooks``, parameters excluded) PLUS parameter + gradient + AdamW-state bytes.
+  (``saved_tensors_hooks``, parameters excluded) PLUS parameter + gradient + AdamW-state bytes, counted by
+  :mod:`pumit_nnunet.nnunet.memory_count` (what the memory model is validated against).
+* Decoders: ``authors`` (the PUMIT code's widths, 512 channels at 1/16 and 1/32; the default) and ``lite``
+  (nnU-Net's widths capped at 320, ``PumitTrainer_lite``); time, memory and parameter ratios of both against
+  nnU-Net's default network are printed.
 * Prediction = nnU-Net's ``nnUNetPredictor`` (set up with ``manual_initialization``) running its sliding window
   (Gaussian blending, no mirroring) on the real CT ``lung1`` preprocessed once with the plans' preprocessor;
   PUMIT vs nnU-Net's default network only.
@@ -25,23 +30,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pumit_nnunet.nnunet.memory_count import nnunet_default_loss, saved_tensor_bytes, training_state_bytes
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_common as common  # noqa: E402
 
-
-def nnunet_loss(deep_supervision_outputs: int) -> nn.Module:
-    """nnU-Net's default training loss; deep supervision weights 1/2^i, lowest output 0, normalised."""
-    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
-    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
-    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
-
-    loss = DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False}, {}, weight_ce=1,
-                          weight_dice=1, ignore_label=None, dice_class=MemoryEfficientSoftDiceLoss)
-    if deep_supervision_outputs <= 1:
-        return loss
-    weights = [1 / 2**i for i in range(deep_supervision_outputs)]
-    weights[-1] = 0
-    return DeepSupervisionWrapper(loss, [w / sum(weights) for w in weights])
+REFERENCE = "nnU-Net default"
 
 
 class TrainStep:
@@ -58,7 +52,7 @@ class TrainStep:
             outputs = self.network(self.x)
         outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
         self.targets = [torch.randint(0, o.shape[1], (o.shape[0], 1, *o.shape[2:]), device=config.device) for o in outputs]
-        self.loss = nnunet_loss(len(outputs))
+        self.loss = nnunet_default_loss(len(outputs))
 
     def loss_value(self) -> torch.Tensor:
         with self.config.autocast:
@@ -73,43 +67,40 @@ class TrainStep:
 
     def state_bytes(self) -> int:
         """Parameters + gradients + AdamW state (after at least one step)."""
-        tensors = list(self.network.parameters()) + [p.grad for p in self.network.parameters() if p.grad is not None]
-        tensors += [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return training_state_bytes(self.network, self.optimizer)
 
     def saved_for_backward_bytes(self) -> int:
         """Bytes of the unique non-parameter storages autograd saves in one forward + loss."""
-        params = {p.untyped_storage().data_ptr() for p in self.network.parameters()}
-        storages: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in params:
-                storages[storage.data_ptr()] = storage.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = self.loss_value()
-        loss.backward()  # frees the graph
-        self.optimizer.zero_grad(set_to_none=True)
-        return sum(storages.values())
+        return saved_tensor_bytes(self.loss_value, exclude=self.network.parameters())
 
 
-def measure_training(build, config: common.BenchConfig) -> dict:
-    """Median step seconds, parameter count and memory bytes (as described in the module docstring)."""
+def measure_memory(build, config: common.BenchConfig) -> dict:
+    """Parameter count and memory bytes of one network (as described in the module docstring), built alone so
+    that the CUDA peak is its own; the step runs once first (AdamW allocates its state there)."""
     cuda = config.device.type == "cuda"
     if cuda:
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated(config.device)
         torch.cuda.reset_peak_memory_stats(config.device)
     step = TrainStep(build(), config)
-    result = {"s": common.median_seconds(step, config), "params": sum(p.numel() for p in step.network.parameters())}
+    step()
+    result = {"params": sum(p.numel() for p in step.network.parameters())}
     if cuda:
         result["memory"] = float(torch.cuda.max_memory_allocated(config.device) - base)
     else:
         result["saved"], result["state"] = float(step.saved_for_backward_bytes()), float(step.state_bytes())
         result["memory"] = result["saved"] + result["state"]
     return result
+
+
+def measure_training(builds: dict, config: common.BenchConfig) -> dict:
+    """Memory of each network alone, then median step seconds with the networks timed in turn (interleaved, so
+    that a shared machine's load drift hits them alike)."""
+    train = {name: measure_memory(build, config) for name, build in builds.items()}
+    steps = {name: TrainStep(build(), config) for name, build in builds.items()}
+    for name, seconds in common.interleaved_median_seconds(steps, config).items():
+        train[name]["s"] = seconds
+    return train
 
 
 def print_training(train: dict, predict: dict, cuda: bool) -> None:
@@ -121,11 +112,26 @@ def print_training(train: dict, predict: dict, cuda: bool) -> None:
         memory = [r["memory"] / mib] if cuda else [r["saved"] / mib, r["state"] / mib, r["memory"] / mib]
         rows.append([name, f"{r['params'] / 1e6:.1f}", r["s"] * 1e3, *memory, predict.get(name, "-")])
     common.print_table(headers + ["sliding window (s)"], rows)
-    ours, ref, primus = train
-    for key, label in (("s", "train step time"), ("memory", "train memory")) + (() if cuda else (("saved", "  saved for backward"),)):
-        print(f"{label:<20} PUMIT/nnU-Net default: {train[ours][key] / train[ref][key]:.3f}   "
-              f"PUMIT/{primus}: {train[ours][key] / train[primus][key]:.3f}")
-    print(f"{'sliding window':<20} PUMIT/nnU-Net default: {predict[ours] / predict[ref]:.3f}   (no mirroring)")
+    primus = next(name for name in train if name.startswith("Primus"))
+    keys = (("s", "train step time"), ("memory", "train memory")) + (() if cuda else (("saved", "  saved for backward"),))
+    for ours in (name for name in train if name.startswith("PUMIT")):
+        print(f"{ours}:")
+        for key, label in keys + (("params", "parameters"),):
+            print(f"  {label:<20} /nnU-Net default: {train[ours][key] / train[REFERENCE][key]:.3f}   "
+                  f"/{primus}: {train[ours][key] / train[primus][key]:.3f}")
+        if ours in predict:
+            print(f"  {'sliding window':<20} /nnU-Net default: {predict[ours] / predict[REFERENCE]:.3f}   (no mirroring)")
+
+
+def lite_plans(stock: dict, vit: str) -> dict:
+    """The stock plans as ``PumitTrainer_lite`` adapts them (the lite decoder)."""
+    import copy
+
+    from pumit_nnunet.nnunet.plans import adapt_configuration
+
+    plans = copy.deepcopy(stock)
+    adapt_configuration(plans, "3d_fullres", vit, arch_overrides={"decoder": "lite"})
+    return plans
 
 
 def sliding_window(plans: dict, image, properties, config: common.BenchConfig):
@@ -146,13 +152,15 @@ def main(argv=None) -> int:
     arch = ours["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
     print(common.describe(config, arch["patch_size"]))
 
+    lite = lite_plans(stock, config.vit)
     builds = {f"PUMIT ViT-{config.vit}": lambda: common.network_from_plans(ours, True),
-              "nnU-Net default": lambda: common.network_from_plans(stock, True),
+              f"PUMIT ViT-{config.vit} lite": lambda: common.network_from_plans(lite, True),
+              REFERENCE: lambda: common.network_from_plans(stock, True),
               f"Primus-{config.vit}": lambda: common.primus(config.vit, config.patch_size)}
-    train = {name: measure_training(build, config) for name, build in builds.items()}
+    train = measure_training(builds, config)
     image, properties = common.load_case(config)
     predict = common.interleaved_median_seconds({name: sliding_window(plans, image, properties, config) for name, plans
-                                                 in ((f"PUMIT ViT-{config.vit}", ours), ("nnU-Net default", stock))}, config)
+                                                 in ((f"PUMIT ViT-{config.vit}", ours), (REFERENCE, stock))}, config)
 
     print_training(train, predict, config.device.type == "cuda")
     grid, n_ours, primus_grid, n_primus = token_counts(arch["patch_size"], arch["aniso_d"], config.patch_size)

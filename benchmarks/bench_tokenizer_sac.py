@@ -4,10 +4,12 @@ For each degree of anisotropy the SAC tokenizer is "frozen" into ``nn.Conv3d``/`
 kernels, strides and paddings are the ones SAC computes on the fly; both networks give the same output (checked).
 Printed figures are ratios SAC / plain measured in the same run (target: < 1.05, i.e. under 5 % extra):
 
-* encode throughput (voxels per second, no grad, encoder + soft tokens);
-* one training step (forward, L1 + regulariser, backward, AdamW step).
+* frozen encode throughput (voxels per second, no grad, encoder + soft tokens): how the tokenizer runs inside
+  MIM and in evaluation. SAC serves its reduced, cast kernels from its frozen-kernel cache (``layers/sac.py``),
+  so only a dictionary look-up per layer remains (target >= 0.95, i.e. <= 1.05x the time);
+* one training step (forward, L1 + regulariser, backward, AdamW step): nothing is cached under autograd.
 
-Reading the 2D / thick-slice rows: SAC sums the depth taps of every full 3D kernel on each call (and its backward
+Reading the 2D / thick-slice train-step rows: SAC sums the depth taps of every full 3D kernel on each call (and its backward
 spreads the gradient back over them), and AdamW updates the full 3D kernels, while the plain network holds the
 already reduced kernels (a 3x3x3 conv is a 1x3x3 conv at aniso_d 5: a third of the weights). When the activations
 are small (2D crops, small batches) these weight-sized, memory-bound passes are a visible share of a CPU step; on
@@ -121,24 +123,34 @@ def _train_step(forward, params, x, aniso_d):
     return step
 
 
+def measure(sac: UniversalTokenizer, batch: int, tokens: tuple[int, int], aniso_d: int, repeats: int,
+            device: torch.device) -> dict:
+    """SAC vs plain at one ``aniso_d``: frozen-encode and train-step seconds (medians), and their outputs' gap."""
+    depth = 1 if aniso_d >= 5 else tokens[0] * max(16 >> aniso_d, 1)
+    x = torch.rand(batch, 3, depth, tokens[1] * 16, tokens[1] * 16, device=device) * 2 - 1
+    plain = PlainTokenizer(sac, aniso_d).to(device)
+    with torch.no_grad():  # frozen use: SAC serves its reduced kernels from FrozenKernelCache
+        diff = float((plain(x, aniso_d)[0] - sac(x, aniso_d).reconstruction).abs().max())
+        enc_sac, enc_plain = _compare(lambda: _sac_encode(sac, x, aniso_d), lambda: plain.encode(x, aniso_d),
+                                      repeats, device)
+    step_sac, step_plain = _compare(_train_step(lambda a, b: _sac_forward(sac, a, b), sac.parameters(), x, aniso_d),
+                                    _train_step(plain, plain.parameters(), x, aniso_d), repeats, device)
+    return {"crop": tuple(x.shape[2:]), "voxels": x[:, 0].numel(), "encode_sac_s": enc_sac, "encode_plain_s": enc_plain,
+            "step_sac_s": step_sac, "step_plain_s": step_plain, "max_diff": diff}
+
+
 def bench(preset: str, batch: int, tokens: tuple[int, int], aniso_ds: list[int], repeats: int, device: torch.device):
     torch.manual_seed(0)
     sac = UniversalTokenizer(tokenizer_config(preset)).to(device)
     print(f"preset {preset}, batch {batch}, {tokens[0]} x {tokens[1]}^2 tokens, device {device}, {repeats} repeats")
-    print(f"{'aniso_d':>7} {'crop':>14} {'encode vox/s SAC/plain':>24} {'train step time SAC/plain':>27} {'max |diff|':>10}")
+    print(f"{'aniso_d':>7} {'crop':>14} {'frozen encode vox/s SAC/plain':>31} {'train step time SAC/plain':>27} "
+          f"{'max |diff|':>10}")
     for aniso_d in aniso_ds:
-        depth = 1 if aniso_d >= 5 else tokens[0] * max(16 >> aniso_d, 1)
-        x = torch.rand(batch, 3, depth, tokens[1] * 16, tokens[1] * 16, device=device) * 2 - 1
-        plain = PlainTokenizer(sac, aniso_d).to(device)
-        with torch.no_grad():
-            diff = float((plain(x, aniso_d)[0] - sac(x, aniso_d).reconstruction).abs().max())
-            t_sac, t_plain = _compare(lambda: _sac_encode(sac, x, aniso_d), lambda: plain.encode(x, aniso_d),
-                                      repeats, device)
-        enc_ratio = t_plain / t_sac  # (voxels / t_sac) / (voxels / t_plain)
-        s_sac, s_plain = _compare(_train_step(lambda a, b: _sac_forward(sac, a, b), sac.parameters(), x, aniso_d),
-                                  _train_step(plain, plain.parameters(), x, aniso_d), repeats, device)
-        crop = "x".join(str(s) for s in x.shape[2:])
-        print(f"{aniso_d:>7} {crop:>14} {enc_ratio:>24.3f} {s_sac / s_plain:>27.3f} {diff:>10.2e}")
+        r = measure(sac, batch, tokens, aniso_d, repeats, device)
+        crop = "x".join(str(s) for s in r["crop"])
+        enc_ratio = r["encode_plain_s"] / r["encode_sac_s"]  # (voxels / t_sac) / (voxels / t_plain)
+        print(f"{aniso_d:>7} {crop:>14} {enc_ratio:>31.3f} {r['step_sac_s'] / r['step_plain_s']:>27.3f} "
+              f"{r['max_diff']:>10.2e}")
 
 
 def main() -> None:

@@ -1,135 +1,226 @@
-"""``pumit-nnunet demo``: the whole nnU-Net pipeline with PUMIT on real CT scans, on a CPU, in minutes.
+"""``pumit-nnunet demo``: PUMIT beside nnU-Net's own trainer on real CT scans, with the stock commands, on a CPU.
 
-It obtains two real chest CTs with expert nodule ROIs (the ``data/`` folder of the pyradiomics 3.0.1 source
-distribution on PyPI, fetched with pip) unless ``--data`` names a folder, builds a small nnU-Net raw dataset
-(crops around the ROIs; scan ``lung2`` is held out for testing), then runs the stock commands:
-``nnUNetv2_plan_and_preprocess``, ``nnUNetv2_train ... -tr PumitTrainer_T_demo``, ``nnUNetv2_predict``, and
-evaluates the held-out prediction (Dice, surface distances). Steps whose outputs exist are skipped.
+The task: the lung fields of a chest CT (a threshold label: air inside the body, see
+``pumit_nnunet.nnunet.demo_data``), trained on one patient (``lung1``) and tested on another (``lung2``, never
+seen in training). The scans are the pyradiomics 3.0.1 source distribution's, fetched once by
+``pumit_nnunet.data`` (pip, cached, verified). The demo then runs nnU-Net's own commands:
+``nnUNetv2_plan_and_preprocess``, ``nnUNetv2_train -tr nnUNetTrainer_demo`` (nnU-Net's default trainer and
+U-Net) and ``-tr PumitTrainer_T_demo`` (the tiny PUMIT ViT) on the same plans, patch (16x48x64), batch (2),
+iteration budget (6 epochs x 25 iterations) and seed, then ``nnUNetv2_predict`` on the held-out scan with each,
+and prints one table: Dice, HD95, training and prediction time per trainer, whatever the numbers are.
+
+  --weights FILE  also fine-tunes the PUMIT trainer from pre-trained ViT-T weights (any format
+                  `pumit-nnunet weights inspect` reads; passed as nnU-Net's -pretrained_weights): one more row.
+  --pretrain      first runs the PUMIT chain on the fetched unlabelled scans (corpus -> tokenizer -> MIM, tiny
+                  presets, a few CPU minutes; the test patient is left out) and fine-tunes from its ViT: one more row.
+
+Everything goes under --out (a folder this command made, or an empty one); a rerun reuses every finished step
+and prints the table again. This is a CPU-minutes demonstration on two patients, not a benchmark.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
-import tarfile
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["register", "obtain_pyradiomics_data", "find_cases"]
+from pumit_nnunet.io import replace_folder_atomic
+from pumit_nnunet.nnunet.demo_steps import DemoState, claim_out_folder, nnunet_env, run_logged
 
-PYRADIOMICS_SDIST = "pyradiomics==3.0.1"
-DEMO_FILES = ("lung1_image.nrrd", "lung1_label.nrrd", "lung2_image.nrrd", "lung2_label.nrrd")
+__all__ = ["register", "DemoRow", "demo_rows"]
+
+DATASET_ID = 990
+CONFIGURATION = "3d_fullres"
+
+
+@dataclass(frozen=True)
+class DemoRow:
+    """One trainer run of the table; rows of the same trainer train in different folds of identical splits."""
+
+    key: str
+    trainer: str
+    fold: int
+    start: str
+    weights: Path | None = None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="end-to-end demo on real CT scans: plan, preprocess, train, predict, evaluate",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, help="folder with lung1/lung2 scans (pyradiomics data/ or an nnU-Net raw "
-                        "dataset with imagesTr/labelsTr); default: fetch the pyradiomics 3.0.1 sdist from PyPI")
-    parser.add_argument("--work", type=Path, default=Path("pumit_demo_work"), help="working folder (default: %(default)s)")
-    parser.add_argument("--trainer", default="PumitTrainer_T_demo", help="PUMIT trainer (default: %(default)s)")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
-    parser.add_argument("--dataset-id", type=int, default=990)
+    parser = subparsers.add_parser("demo", help="PUMIT beside nnU-Net's default trainer on real CT scans: "
+                                   "train, predict, compare (CPU minutes)", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("pumit-demo"), help="output folder (default: %(default)s)")
+    parser.add_argument("--weights", type=Path, help="also fine-tune PumitTrainer_T_demo from these ViT-T weights")
+    parser.add_argument("--pretrain", action="store_true", help="also pre-train here (corpus, tokenizer, MIM) and "
+                        "fine-tune from the result")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"), help="default: %(default)s")
+    # the end-to-end test's budget (1 epoch x 3 iterations); not for users
+    parser.add_argument("--budget", default=os.environ.get("PUMIT_DEMO_BUDGET", "standard"),
+                        choices=("standard", "quick"), help=argparse.SUPPRESS)
     parser.set_defaults(func=_run)
 
 
-def obtain_pyradiomics_data(cache: Path) -> Path:
-    """Download the pyradiomics 3.0.1 sdist with pip (PyPI) and extract its real demo scans; cached."""
-    target = cache / "pyradiomics-data"
-    if all((target / f).is_file() for f in DEMO_FILES):
-        return target
-    downloads = cache / "downloads"
-    downloads.mkdir(parents=True, exist_ok=True)
-    print(f"fetching {PYRADIOMICS_SDIST} (source distribution, ~34 MB) from PyPI ...", flush=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation",
-                    PYRADIOMICS_SDIST, "-d", str(downloads)], check=True)
-    archive = next(downloads.glob("pyradiomics-3.0.1.tar.gz"), None)
-    if archive is None:
-        raise FileNotFoundError(f"pip did not leave pyradiomics-3.0.1.tar.gz in {downloads}")
-    target.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive) as tar:
-        for name in DEMO_FILES:
-            member = tar.getmember(f"pyradiomics-3.0.1/data/{name}")
-            source = tar.extractfile(member)
-            if source is None:
-                raise ValueError(f"{archive}: {member.name} is not a regular file")
-            tmp = target / f".{name}.part"
-            tmp.write_bytes(source.read())
-            os.replace(tmp, target / name)
-    return target
+def demo_rows(budget: str, weights: Path | None, pretrained_here: Path | None) -> list[DemoRow]:
+    """The table's rows: nnU-Net's trainer, PUMIT from scratch, then the fine-tuned PUMIT rows asked for."""
+    from pumit_nnunet.nnunet.demo_trainers import demo_trainer_pair
+
+    pumit, nnunet = demo_trainer_pair(budget)
+    rows = [DemoRow("nnunet", nnunet, 0, "from scratch"), DemoRow("pumit", pumit, 0, "from scratch")]
+    if weights is not None:
+        rows.append(DemoRow("pumit_weights", pumit, 1, f"--weights {weights.name}", weights))
+    if pretrained_here is not None:
+        rows.append(DemoRow("pumit_pretrained_here", pumit, 2, "pre-trained here", pretrained_here))
+    return rows
 
 
-def find_cases(folder: Path) -> dict[str, tuple[Path, Path]]:
-    """``{lung1: (image, label), lung2: ...}`` from a pyradiomics ``data/`` folder or an nnU-Net raw dataset."""
-    cases = {}
-    for name in ("lung1", "lung2"):
-        candidates = [(folder / f"{name}_image.nrrd", folder / f"{name}_label.nrrd"),
-                      (folder / "imagesTr" / f"{name}_0000.nii.gz", folder / "labelsTr" / f"{name}.nii.gz")]
-        found = next((pair for pair in candidates if all(p.is_file() for p in pair)), None)
-        if found is None:
-            raise FileNotFoundError(f"{folder}: no {name} scan (expected {name}_image.nrrd + {name}_label.nrrd, or "
-                                    f"imagesTr/{name}_0000.nii.gz + labelsTr/{name}.nii.gz)")
-        cases[name] = found
-    return cases
+def _check_weights(weights: Path, plans_file: Path) -> None:
+    """Load the weights into the demo's ViT-T before minutes of training: a wrong file fails now, in one line."""
+    from pumit_nnunet.checkpoints.load import load_vit_weights
+    from pumit_nnunet.models.vit import UniversalViT, vit_config
+    from pumit_nnunet.nnunet.pretrained import plan_vit_config
+
+    if not weights.is_file():
+        raise FileNotFoundError(2, "No such file or directory", str(weights))
+    load_vit_weights(UniversalViT(plan_vit_config(vit_config("T"), plans_file, CONFIGURATION)), weights, log=None)
 
 
-def _build_dataset(cases: dict[str, tuple[Path, Path]], raw: Path, dataset_id: int) -> Path:
-    import SimpleITK as sitk
-
-    from pumit_nnunet.io import write_image_atomic
-    from pumit_nnunet.nnunet.demo_data import SourceCase, crop_around_label, write_raw_dataset
-
-    image, label = cases["lung1"]
-    train = [SourceCase(f"lung1{s}", image, label, shift) for s, shift in (("", (0, 0, 0)), ("b", (2, 12, -10)), ("c", (-2, -8, 14)))]
-    splits = [{"train": ["lung1", "lung1b"], "val": ["lung1c"]}]
-    folder = write_raw_dataset(train, raw, dataset_id, "PumitDemoLungCT", "CT", {"background": 0, "nodule": 1}, (16, 96, 96), splits)
-    # the held-out scan, never seen in training
-    for sub in ("imagesTs", "labelsTs"):
-        (folder / sub).mkdir(exist_ok=True)
-    test_image, test_label = crop_around_label(sitk.ReadImage(str(cases["lung2"][0])), sitk.ReadImage(str(cases["lung2"][1])), (20, 112, 112))
-    test_label = sitk.Cast(test_label, sitk.sitkUInt8)
-    write_image_atomic(test_image, folder / "imagesTs" / "lung2_0000.nii.gz")
-    write_image_atomic(test_label, folder / "labelsTs" / "lung2.nii.gz")
-    return folder
+def _results_folder(out: Path, dataset: str, row: DemoRow) -> Path:
+    return out / "nnUNet_results" / dataset / f"{row.trainer}__nnUNetPlans__{CONFIGURATION}" / f"fold_{row.fold}"
 
 
-def _step(title: str, command: list[str], env: dict[str, str], done: bool) -> None:
-    print(f"\n=== {title}\n$ {' '.join(command)}", flush=True)
-    if done:
-        print("(already done: skipped)")
+def _trained_patch(row: DemoRow, ctx: "_Context") -> list[int]:
+    """The patch a trainer actually trained on (nnU-Net copies the adapted plans into its results folder)."""
+    import json
+
+    plans = _results_folder(ctx.out, ctx.dataset, row).parent / "plans.json"
+    return json.loads(plans.read_text(encoding="utf-8"))["configurations"][CONFIGURATION]["patch_size"]
+
+
+def _train(row: DemoRow, ctx: "_Context") -> None:
+    from pumit_nnunet.data.cache import sha256_file
+    from pumit_nnunet.errors import UsageError
+
+    folder = _results_folder(ctx.out, ctx.dataset, row)
+    recorded = ctx.state.get(row.key, "weights_sha256")
+    wanted = sha256_file(row.weights) if row.weights else None
+    if (folder / "checkpoint_final.pth").is_file() and ctx.state.get(row.key, "train_s") is not None:
+        if recorded != wanted:
+            raise UsageError(f"this folder's {row.start!r} row was trained from other weights; use a new --out", ctx.out)
+        print(f"(done before: {folder / 'checkpoint_final.pth'})", flush=True)
         return
-    subprocess.run(command, env=env, check=True)
+    command = ["nnUNetv2_train", str(DATASET_ID), CONFIGURATION, str(row.fold), "-tr", row.trainer, "-device", ctx.device]
+    if (folder / "checkpoint_latest.pth").is_file():
+        command.append("--c")  # an interrupted run continues (its weights are in the checkpoint)
+    elif row.weights is not None:
+        command += ["-pretrained_weights", str(row.weights)]
+    seconds = run_logged(command, nnunet_env(ctx.out, training=True), ctx.out / "logs" / f"train_{row.key}.log")
+    ctx.state.set(row.key, "weights_sha256", wanted)
+    ctx.state.set(row.key, "train_s", seconds)
+    ctx.state.set(row.key, "predict_s", None)  # a prediction of an earlier model of this row is stale now
+
+
+def _predict(row: DemoRow, ctx: "_Context") -> Path:
+    """Predict the held-out scan into a partial folder that is renamed when complete (a rerun redoes a partial one)."""
+    final = ctx.out / "predictions" / row.key
+    if (final / f"{ctx.test_case}.nii.gz").is_file() and ctx.state.get(row.key, "predict_s") is not None:
+        print(f"(done before: {final / f'{ctx.test_case}.nii.gz'})", flush=True)
+        return final / f"{ctx.test_case}.nii.gz"
+    partial = final.with_name(f".{row.key}.partial")
+    shutil.rmtree(partial, ignore_errors=True)  # our own leftover from an interrupted prediction
+    seconds = run_logged(["nnUNetv2_predict", "-i", str(ctx.raw / "imagesTs"), "-o", str(partial), "-d",
+                          str(DATASET_ID), "-c", CONFIGURATION, "-tr", row.trainer, "-f", str(row.fold),
+                          "-device", ctx.device, "-npp", "1", "-nps", "1", "--disable_tta"],
+                         nnunet_env(ctx.out, training=False), ctx.out / "logs" / f"predict_{row.key}.log")
+    replace_folder_atomic(partial, final)  # the old prediction stays until the new one is complete
+    ctx.state.set(row.key, "predict_s", seconds)
+    return final / f"{ctx.test_case}.nii.gz"
+
+
+@dataclass
+class _Context:
+    out: Path
+    raw: Path
+    dataset: str
+    test_case: str
+    device: str
+    state: DemoState
+
+
+def _prepare(out: Path, device: str) -> tuple[_Context, Path]:
+    """Fetch the scans, write the raw dataset, plan and preprocess (each skipped when done)."""
+    from pumit_nnunet.data import fetch
+    from pumit_nnunet.nnunet.demo_data import LUNG_DEMO, build_lung_demo
+
+    _header("1/4 real scans (pyradiomics 3.0.1 data, fetched once with pip, verified)")
+    data = fetch("pyradiomics-data")
+    print(data, flush=True)
+    scans = {name: data / f"{name}_image.nrrd" for name in (LUNG_DEMO.train_scan, LUNG_DEMO.test_scan)}
+    raw = build_lung_demo(scans, out / "nnUNet_raw", DATASET_ID, folds=3)
+    ctx = _Context(out, raw, raw.name, LUNG_DEMO.test_scan, device, DemoState(out / "demo_state.json"))
+    _header("2/4 nnUNetv2_plan_and_preprocess (stock)")
+    plans = out / "nnUNet_preprocessed" / raw.name / "nnUNetPlans.json"
+    if plans.is_file() and ctx.state.get("dataset", "preprocess_s") is not None:
+        print(f"(done before: {plans})", flush=True)
+    else:
+        seconds = run_logged(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", CONFIGURATION,
+                              "-np", "2", "-npfp", "2"],
+                             nnunet_env(out, training=False), out / "logs" / "plan_and_preprocess.log")
+        ctx.state.set("dataset", "preprocess_s", seconds)
+    return ctx, data
+
+
+def _header(title: str) -> None:
+    print(f"\n=== {title}", flush=True)
+
+
+def _report(rows: list[DemoRow], predictions: dict[str, Path], ctx: _Context, budget_note: str) -> None:
+    from pumit_nnunet.nnunet.demo_report import RowResult, format_table, save_overlay_png, score_prediction
+
+    label = ctx.raw / "labelsTs" / f"{ctx.test_case}.nii.gz"
+    results = []
+    for row in rows:
+        dice, hd95 = score_prediction(predictions[row.key], label)
+        results.append(RowResult(row.trainer, row.start, dice, hd95, ctx.state.get(row.key, "train_s"),
+                                 ctx.state.get(row.key, "predict_s")))
+    picture = save_overlay_png(ctx.raw / "imagesTs" / f"{ctx.test_case}_0000.nii.gz", label,
+                               {f"{r.trainer}\n({r.start})": predictions[r.key] for r in rows},
+                               ctx.out / "demo_overlay.png")
+    print(f"\n=== held-out patient {ctx.test_case} (never seen in training): lung fields, {budget_note}")
+    print(format_table(results))
+    print(f"\noverlay (image, label, each prediction, same slices): {picture}")
+    for row in rows:
+        print(f"training curves of {row.trainer} ({row.start}): {_results_folder(ctx.out, ctx.dataset, row) / 'progress.png'}")
+    print(f"logs: {ctx.out / 'logs'}\nA few CPU minutes on one training patient: a demonstration, not a benchmark.")
 
 
 def _run(args: argparse.Namespace) -> int:
-    work = args.work.resolve()
-    data = args.data.resolve() if args.data else obtain_pyradiomics_data(work / "cache")
-    cases = find_cases(data)
-    env = dict(os.environ, nnUNet_raw=str(work / "nnUNet_raw"), nnUNet_preprocessed=str(work / "nnUNet_preprocessed"),
-               nnUNet_results=str(work / "nnUNet_results"), nnUNet_def_n_proc=os.environ.get("nnUNet_def_n_proc", "2"))
-    if env.get("nnUNet_n_proc_DA") == "0":  # nnU-Net 2.8.1's planner crashes on 0 (torch.set_num_threads(0))
-        del env["nnUNet_n_proc_DA"]
-    folder = _build_dataset(cases, work / "nnUNet_raw", args.dataset_id)
-    name = folder.name
-    plans = work / "nnUNet_preprocessed" / name / "nnUNetPlans.json"
-    _step("plan and preprocess (stock nnU-Net)", ["nnUNetv2_plan_and_preprocess", "-d", str(args.dataset_id), "-c", "3d_fullres", "-np", "2"], env, plans.is_file())
-    results = work / "nnUNet_results" / name / f"{args.trainer}__nnUNetPlans__3d_fullres"
-    train_env = dict(env, nnUNet_n_proc_DA=os.environ.get("nnUNet_n_proc_DA", "0" if args.device == "cpu" else "4"))
-    _step("train (stock nnUNetv2_train with the PUMIT trainer)",
-          ["nnUNetv2_train", str(args.dataset_id), "3d_fullres", "0", "-tr", args.trainer, "-device", args.device],
-          train_env, (results / "fold_0" / "checkpoint_final.pth").is_file())
-    prediction = work / "predictions"
-    _step("predict the held-out scan (stock nnUNetv2_predict)",
-          ["nnUNetv2_predict", "-i", str(folder / "imagesTs"), "-o", str(prediction), "-d", str(args.dataset_id), "-c", "3d_fullres",
-           "-tr", args.trainer, "-f", "0", "-device", args.device], env, (prediction / "lung2.nii.gz").is_file())
-    from pumit_nnunet.evaluation.evaluate import EvaluationConfig, evaluate_folders, format_summary_table, write_results
+    from pumit_nnunet.nnunet.demo_trainers import DEMO_BUDGETS
 
-    result = evaluate_folders(prediction, folder / "labelsTs", EvaluationConfig(labels=(1,), label_names={1: "nodule"}), progress=False)
-    write_results(result, work / "evaluation")
-    print("\n=== held-out scan lung2 (never seen in training)\n" + format_summary_table(result))
-    print(f"\nDice (nodule, held-out): {result.mean[1]['dice']:.3f}")
-    print(f"training curves: {results / 'fold_0' / 'progress.png'}\nmetrics: {work / 'evaluation' / 'metrics.json'}")
-    print("A few CPU minutes from scratch on three crops of one scan is a pipeline check, not a benchmark: "
-          "fine-tune from pre-trained weights (-pretrained_weights) on real data for real numbers.")
+    budget = DEMO_BUDGETS[args.budget]
+    weights = args.weights.expanduser().resolve() if args.weights else None
+    if weights is not None and not weights.is_file():  # before minutes of planning, not after
+        raise FileNotFoundError(2, "No such file or directory", str(weights))
+    out = claim_out_folder(args.out)
+    ctx, data = _prepare(out, args.device)
+    if weights is not None:
+        _check_weights(weights, out / "nnUNet_preprocessed" / ctx.dataset / "nnUNetPlans.json")
+    pretrained_here = None
+    if args.pretrain:
+        from pumit_nnunet.nnunet.demo_pretrain import PRETRAIN_BUDGETS, pretrain_chain
+
+        _header("pre-training here: corpus -> tokenizer -> MIM (tiny presets)")
+        pretrained_here = pretrain_chain(data, out / "pretrain", PRETRAIN_BUDGETS[args.budget], args.device)
+    rows = demo_rows(args.budget, weights, pretrained_here)
+    predictions = {}
+    for number, row in enumerate(rows, 1):
+        _header(f"3/4 [{number}/{len(rows)}] nnUNetv2_train -tr {row.trainer} ({row.start}, "
+                f"{budget.total_iterations} iterations)")
+        _train(row, ctx)
+        _header(f"4/4 [{number}/{len(rows)}] nnUNetv2_predict -tr {row.trainer} ({row.start}) on {ctx.test_case}")
+        predictions[row.key] = _predict(row, ctx)
+    note = (f"same budget: {budget.epochs} epochs x {budget.iterations} iterations, patch "
+            f"{'x'.join(map(str, _trained_patch(rows[1], ctx)))}, batch {budget.batch_size}, seed {budget.seed}")
+    _report(rows, predictions, ctx, note)
     return 0
+

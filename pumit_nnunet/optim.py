@@ -9,23 +9,42 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-__all__ = ["split_decay_groups", "build_adamw", "warmup_cosine_factor", "warmup_poly_factor", "WarmupDecaySchedule"]
+__all__ = ["NO_DECAY_MODULES", "no_decay_parameter_names", "split_decay_groups", "build_adamw", "warmup_cosine_factor", "warmup_poly_factor", "WarmupDecaySchedule"]
 
-#: parameter-name suffixes that are never decayed: tokens, position embeddings and the q/v biases
-NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed", "q_bias", "v_bias")
+#: module types whose weights are never decayed (the authors exclude by type: the codebook is an ``nn.Embedding``)
+NO_DECAY_MODULES: tuple[type[nn.Module], ...] = (nn.Embedding,)
+
+
+def no_decay_parameter_names(model: nn.Module) -> set[str]:
+    """Full names of the parameters the model declares exempt from weight decay.
+
+    Every submodule with a ``no_weight_decay()`` method (the timm contract: names relative to that module, e.g. the
+    ViT's ``cls_token``, ``pos_embed``, ``mask_token``) contributes its names under its own prefix, so a wrapper
+    (classifier, segmentation network, MIM model) needs no list of its own; the weights of every
+    :data:`NO_DECAY_MODULES` module (the tokenizer's codebook ``quantize.embedding.weight``) are added.
+    """
+    names: set[str] = set()
+    for prefix, module in model.named_modules():
+        lead = f"{prefix}." if prefix else ""
+        declared = getattr(module, "no_weight_decay", None)
+        if callable(declared):
+            names |= {f"{lead}{name}" for name in declared()}
+        if isinstance(module, NO_DECAY_MODULES):
+            names |= {f"{lead}{name}" for name, _ in module.named_parameters(recurse=False)}
+    return names
 
 
 def split_decay_groups(
     model: nn.Module, weight_decay: float, extra_no_decay: Iterable[str] = ()
 ) -> list[dict]:
-    """Two AdamW groups: decayed weights, and biases / norm weights / 1-D params / tokens / position embeddings."""
-    no_decay_names = set(NO_DECAY_NAMES) | set(extra_no_decay)
+    """Two AdamW groups: decayed weights, and biases / norm weights / 1-D params / what the model declares
+    (:func:`no_decay_parameter_names`) / ``extra_no_decay`` (full names)."""
+    exempt = no_decay_parameter_names(model) | set(extra_no_decay)
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        leaf = name.rsplit(".", 1)[-1]
-        if param.ndim <= 1 or name.endswith(".bias") or leaf in no_decay_names or name in no_decay_names:
+        if param.ndim <= 1 or name.endswith(".bias") or name in exempt:
             no_decay.append(param)
         else:
             decay.append(param)

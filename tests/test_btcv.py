@@ -12,6 +12,7 @@ import pytest
 from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 
 from pumit_nnunet.evaluation.btcv import MONAI_TRAIN, MONAI_VAL, SMIT_TRAIN, SMIT_VAL, convert_btcv, export_btcv
+from pumit_nnunet.errors import DataError, UsageError
 from pumit_nnunet.evaluation.files import GeometryMismatchError
 
 sitk = pytest.importorskip("SimpleITK")
@@ -67,7 +68,7 @@ def test_convert_places_files_and_is_resumable(tmp_path, real_ct, cli_main):
     assert len(dataset["labels"]) == 14 and dataset["labels"]["left adrenal gland"] == 13
     assert not (out / "splits_final.json").exists()
     verify_dataset_integrity(str(out), 1)  # nnU-Net accepts the dataset
-    with pytest.raises(ValueError, match="smit"):
+    with pytest.raises(UsageError, match="smit"):
         convert_btcv(tmp_path / "src", out, split="smit")  # the paper's split needs all 30 cases
 
 
@@ -142,8 +143,7 @@ def test_export_round_trip(tmp_path, real_ct, cli_main):
         np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(label))
         assert back.GetSize() == label.GetSize() and np.allclose(back.GetOrigin(), label.GetOrigin())
         assert np.allclose(back.GetSpacing(), label.GetSpacing()) and back.GetPixelID() == sitk.sitkUInt8
-    with pytest.raises(FileExistsError):
-        cli_main(["export", "btcv", str(tmp_path / "pred"), str(out), str(submission)])
+    assert cli_main(["export", "btcv", str(tmp_path / "pred"), str(out), str(submission)]) == 2  # no --overwrite
     names = export_btcv(tmp_path / "pred", out, tmp_path / "other.zip", name_pattern="label{case_id}.nii.gz")
     assert names == ["label0061.nii.gz", "label0062.nii.gz"]
 
@@ -158,6 +158,6 @@ def test_export_checks_presence_and_geometry(tmp_path, real_ct):
     with pytest.raises(GeometryMismatchError, match="BTCV_0061"):
         export_btcv(tmp_path / "pred", out, tmp_path / "s.zip")
     swapped.unlink()
-    with pytest.raises(FileNotFoundError, match="BTCV_0061"):
+    with pytest.raises(DataError, match="BTCV_0061"):
         export_btcv(tmp_path / "pred", out, tmp_path / "s.zip")
     assert not (tmp_path / "s.zip").exists()

@@ -8,6 +8,8 @@ import zipfile
 import numpy as np
 import pytest
 
+from pumit_nnunet.errors import DataError
+
 from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 
 from pumit_nnunet.evaluation.chaos import LABEL_TO_PNG, convert_chaos, png_to_labels, read_png_stack
@@ -167,7 +169,7 @@ def test_export_only_test_cases_and_requires_all(tmp_path, volumes):
     label = sitk.GetImageFromArray(volumes[1][1])
     label.CopyInformation(sitk.ReadImage(str(out / "imagesTs/CHAOS_2_T1DUAL_0000.nii.gz")))
     sitk.WriteImage(label, str(tmp_path / "pred/CHAOS_2_T1DUAL.nii.gz"))
-    with pytest.raises(FileNotFoundError, match="CHAOS_2_T2SPIR"):
+    with pytest.raises(DataError, match="CHAOS_2_T2SPIR"):
         export_chaos(tmp_path / "pred", out, tmp_path / "s.zip")
     assert not (tmp_path / "s.zip").exists()
 
@@ -175,5 +177,5 @@ def test_export_only_test_cases_and_requires_all(tmp_path, volumes):
 def test_png_grey_ranges():
     grey = np.array([[0, 55, 63, 70], [110, 135, 175, 200], [240, 252, 255, 0]], np.uint8)
     np.testing.assert_array_equal(png_to_labels(grey), [[0, 1, 1, 1], [2, 2, 3, 3], [4, 4, 4, 0]])
-    with pytest.raises(ValueError, match=r"\[100\]"):
+    with pytest.raises(DataError, match=r"\[100\]"):
         png_to_labels(np.array([[0, 100]], np.uint8), "slice.png")

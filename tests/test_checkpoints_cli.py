@@ -49,7 +49,10 @@ def test_convert_then_verify(released, tmp_path, capsys):
     assert (config.in_channels, config.patch_depth, config.pos_embed_shape, config.mask_token) == (1, 4, (2, 4, 4), True)
     assert ckpt.kind == "vit" and ckpt.pretrain_plan.intensity == "unit-range-imagenet"
     assert ckpt.extra["source_format"] == "pumit-released" and ckpt.state_dict["patch_embed.proj.weight"].shape[1:] == (1, 4, 16, 16)
-    assert main(args) == 1 and "exists" in capsys.readouterr().out  # never overwrites without --force
+    capsys.readouterr()
+    assert main(args) == 1  # never overwrites without --force: one line on stderr naming the file
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"pumit-nnunet weights convert: error: {out} exists; choose another --out or pass --force"]
     assert main(["weights", "verify", str(out)]) == 0
     assert "0 missing, 0 unexpected, 0 mismatched" in capsys.readouterr().out
     assert main(["weights", "verify", str(out), "--vit", "T"]) == 1  # wrong size: the report lists the mismatches
@@ -81,7 +84,23 @@ def test_attach_and_errors(released, tmp_path, capsys):
     assert block["allow_partial"] is True and block["path"] == str(released.resolve())
     capsys.readouterr()
     assert main(["weights", "inspect", str(tmp_path / "absent.ckpt")]) == 1
-    assert "absent.ckpt does not exist" in capsys.readouterr().out
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pumit-nnunet weights inspect: error: ") and "absent.ckpt" in err[0] \
+        and "does not exist" in err[0]
+    before = plans_file.read_bytes()
+    for content, problem in (("nnUNetPlans: 3d_fullres\n", "is not a plans JSON file (Expecting value at line 1 column 1)"),
+                             ("[1, 2]", "is not a plans file: it holds a JSON list, not an object")):
+        bad_plans = tmp_path / "bad_plans.json"
+        bad_plans.write_text(content)
+        assert main(["weights", "attach", str(bad_plans), "3d_fullres", str(released)]) == 1
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"pumit-nnunet weights attach: error: {bad_plans}: {problem}"]
+        assert bad_plans.read_text() == content and not list(tmp_path.glob("bad_plans.json.*.bak"))
+    assert main(["weights", "attach", str(plans_file), "2d", str(released)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"pumit-nnunet weights attach: error: {plans_file}: configuration '2d' not in the plans "
+                   "(have: ['3d_fullres'])"]
+    assert plans_file.read_bytes() == before
 
 
 def test_console_script(released):

@@ -13,10 +13,11 @@ import pytest
 import SimpleITK as sitk
 
 from pumit_nnunet.corpus.api import ensure_store
+from pumit_nnunet.errors import UsageError
 from pumit_nnunet.corpus.convert import convert
 from pumit_nnunet.corpus.preprocess import crop_foreground, percentiles_above_min
 from pumit_nnunet.corpus.report import corpus_counts, validate_store
-from pumit_nnunet.corpus.store import array_path, open_array, read_manifest
+from pumit_nnunet.corpus.store import member_path, open_array, read_manifest
 
 sitk.ProcessObject.SetGlobalWarningDisplay(False)
 
@@ -61,7 +62,7 @@ def layouts(real_demo_dir, tmp_path_factory):
     # MSD / nnU-Net v2 style: imagesTr + dataset.json; the coronal MRI and a 6.5 mm MRI
     msd = root / "Dataset990_DemoMR"
     (msd / "imagesTr").mkdir(parents=True)
-    brain = real_demo_dir / "Dataset901_RealBrainMaskT1" / "imagesTr" / "itk_head_t1_0000.nii.gz"
+    brain = real_demo_dir / "Dataset901_RealBrainMaskT1" / "imagesTr" / "mni152_coronal_0000.nii.gz"
     shutil.copy(brain, msd / "imagesTr" / "head_0000.nii.gz")
     lesion = real_demo_dir / "Dataset903_RealMRBrainLesion" / "imagesTr" / "brain1_0000.nii.gz"
     sitk.WriteImage(_shrink(lesion, (4, 4, 1)), str(msd / "imagesTr" / "lesion_0000.nii.gz"))
@@ -81,8 +82,8 @@ def layouts(real_demo_dir, tmp_path_factory):
         sitk.WriteImage(sitk.PermuteAxes(ct, [2, 0, 1]), str(total / case / "ct.nii.gz"))
         sitk.WriteImage(ct > 0, str(total / case / "segmentations" / "lung.nii.gz"))
     # a DICOM series folder written from a demo CT
-    cranium = real_demo_dir / "Dataset904_RealCTHeadTissue" / "imagesTr" / "cranium_0000.nii.gz"
-    _write_dicom_series(_shrink(cranium, (4, 4, 4)), root / "dicom" / "patient1" / "series1")
+    chest = real_demo_dir / "Dataset904_RealCTChestTissue" / "imagesTr" / "lung1_0000.nii.gz"
+    _write_dicom_series(_shrink(chest, (4, 4, 1)), root / "dicom" / "patient1" / "series1")
     # a folder of 2D images, plus broken and non-image files
     flat = root / "images2d"
     shutil.copytree(real_demo_dir / "extras_2d_demo", flat)
@@ -135,19 +136,19 @@ def test_depth_axis_keeps_the_physical_meaning(store):
         assert row.spacing_d == pytest.approx(5.0) and row.spacing_h == pytest.approx(row.spacing_w)
         assert row.shape_d <= 61 and row.shape_h <= 128
     series = _row(frame, "dicom/patient1/series1")
-    assert series.spacing_d == pytest.approx(6.0, rel=1e-3) and series.spacing_h == pytest.approx(0.957 * 4, rel=1e-2)
+    assert series.spacing_d == pytest.approx(5.0, rel=1e-3) and series.spacing_h == pytest.approx(1.1406 * 4, rel=1e-2)
     for key in ("images2d/retina", "images2d/693_UNCI"):
         assert _row(frame, key).spacing_d == 1e8 and _row(frame, key).shape_d == 1
 
 
 def test_stored_values_are_the_numpy_percentile_scaling(store, real_demo_dir):
     source = sitk.GetArrayFromImage(sitk.ReadImage(str(real_demo_dir / "Dataset901_RealBrainMaskT1" / "imagesTr"
-                                                       / "itk_head_t1_0000.nii.gz")))[None]
+                                                       / "mni152_coronal_0000.nii.gz")))[None]
     cropped = crop_foreground(source, natural=False)
     low, high = percentiles_above_min(cropped)
     expected = np.clip((cropped.astype(np.float64) - low) / (high - low), 0, 1)
     row = _row(read_manifest(store), "Dataset990_DemoMR/imagesTr/head_0000")
-    stored = open_array(array_path(store, row.key))[...] / row.levels
+    stored = open_array(member_path(store, row))[...] / row.levels
     assert stored.shape == expected.shape
     np.testing.assert_allclose(stored, expected, atol=0.5 / row.levels + 1e-6)
     assert (row.p0_5, row.p99_5) == pytest.approx((low, high))
@@ -163,14 +164,14 @@ def test_failures_are_recorded_with_reasons_and_the_run_goes_on(store):
     failed = frame[frame["status"] == "failed"].set_index("key")["error"].to_dict()
     assert set(failed) == {"images2d/notes.txt", "images2d/broken", "images2d/nospacing"}
     assert "not an image" in failed["images2d/notes.txt"]
-    assert "unreadable" in failed["images2d/broken"]
+    assert "corrupt gzip stream" in failed["images2d/broken"]
     assert "spacing" in failed["images2d/nospacing"]
 
 
 def test_rerun_skips_done_items_and_refuses_to_write_into_sources(store, layouts):
     again = convert([layouts / "images2d"], store, num_workers=0, progress=False)
     assert again.converted == 0 and again.skipped == 7 and again.failed == 3
-    with pytest.raises(ValueError, match="must not be inside"):
+    with pytest.raises(UsageError, match="must not be inside"):
         convert([layouts / "images2d"], layouts / "images2d" / "store", progress=False)
 
 
@@ -202,7 +203,7 @@ def test_cli_convert_inspect_validate_add(layouts, tmp_path, capsys, cli_main):
     assert row.modality == "CT" and row.multiplier == 0.5
     assert json.loads((out / "catalog.json").read_text(encoding="utf-8"))["datasets"][0]["name"] == "MyCT"
     assert cli_main(["corpus", "validate", str(out)]) == 0
-    array_path(out, "MyCT/patient1/series1").write_bytes(b"broken")
+    member_path(out, _row(read_manifest(out), "MyCT/patient1/series1")).write_bytes(b"broken")
     assert cli_main(["corpus", "validate", str(out)]) == 1
 
 
@@ -226,3 +227,25 @@ def test_corpus_cli_registers_one_subparser():
     assert args.sources == ["a", "b"] and (args.workers, args.part, args.parts) == (2, 1, 3) and callable(args.func)
     if sys.platform != "win32":
         assert parser.parse_args(["corpus", "inspect", "s"]).func is not None
+
+
+def test_arrays_of_the_previous_layout_read_the_same(tmp_path, real_demo_dir):
+    """Store files carry their own chunks, blocks, codec and filters: an image written with the layout before
+    the cold-read tuning (16x128x128 chunks, BITSHUFFLE) reads exactly as one written with today's."""
+    import blosc2
+
+    from pumit_nnunet.corpus.store import CHUNK, read_box, write_array
+
+    volume = sitk.GetArrayFromImage(sitk.ReadImage(str(real_demo_dir / "Dataset903_RealMRBrainLesion" / "imagesTr"
+                                                       / "brain2_0000.nii.gz")))
+    data = np.clip(volume, 0, 65535).astype(np.uint16)[None]
+    old = tmp_path / "old.b2nd"
+    blosc2.asarray(data, urlpath=str(old), mode="w", chunks=(1, 16, 128, 128), blocks=(1, 16, 32, 32),
+                   cparams={"codec": blosc2.Codec.LZ4HC, "clevel": 5, "filters": [blosc2.Filter.BITSHUFFLE]})
+    write_array(tmp_path / "new.b2nd", data)
+    new = open_array(tmp_path / "new.b2nd")
+    assert new.chunks[2:] == tuple(min(CHUNK[1], s) for s in data.shape[2:])
+    for start in ((0, 0, 0), (3, 100, 37), (-5, 200, 240)):
+        expected = read_box(data, start, (16, 96, 96))
+        assert np.array_equal(read_box(open_array(old), start, (16, 96, 96)), expected)
+        assert np.array_equal(read_box(new, start, (16, 96, 96)), expected)

@@ -16,7 +16,7 @@ from pumit_nnunet.corpus.convert import convert
 from pumit_nnunet.corpus.loader import (MIM_CROP, TOKENIZER_CROP, CropGrid, PretrainBatch, StoreCropReader,
                                         build_pretrain_loader, load_validation_images, select_rows)
 from pumit_nnunet.corpus.sampler import BatchSpec
-from pumit_nnunet.corpus.store import array_path, open_array, read_manifest
+from pumit_nnunet.corpus.store import member_path, open_array, read_manifest
 
 sitk.ProcessObject.SetGlobalWarningDisplay(False)
 SMALL = CropGrid(2, 4)  # 32 in-plane, depth 32 >> aniso_d: keeps the CPU tests fast
@@ -26,8 +26,8 @@ SMALL = CropGrid(2, 4)  # 32 in-plane, depth 32 >> aniso_d: keeps the CPU tests 
 def store(real_demo_dir, tmp_path_factory):
     raw = tmp_path_factory.mktemp("raw") / "demo"
     raw.mkdir()
-    shrink = {"Dataset901_RealBrainMaskT1/imagesTr/colin27_0000.nii.gz": (3, 3, 3),
-              "Dataset901_RealBrainMaskT1/imagesTr/itk_head_t1_0000.nii.gz": (2, 2, 1),
+    shrink = {"Dataset901_RealBrainMaskT1/imagesTr/mni152_2009a_0000.nii.gz": (3, 3, 3),
+              "Dataset901_RealBrainMaskT1/imagesTr/mni152_coronal_0000.nii.gz": (2, 2, 1),
               "Dataset902_RealCTLungNodule/imagesTr/lung1_0000.nii.gz": (4, 4, 1),
               "Dataset902_RealCTLungNodule/imagesTr/lung2_0000.nii.gz": (4, 4, 1)}
     for relative, factors in shrink.items():
@@ -83,9 +83,9 @@ def test_unaugmented_crops_are_numpy_slices_of_the_stored_image(store):
     reader = StoreCropReader(store, frame, seed=7, augment=False)
     image = int(frame.index[frame["key"] == "demo/lung1_0000"][0])
     spec = BatchSpec(index=11, aniso_d=2, crop=(8, 32, 32), entries=((image, 1.0, 1.0), (image, 1.0, 1.0)))
-    crops, aniso_d, keys = reader[spec]
+    crops, aniso_d, keys, broken = reader[spec]
     rng = np.random.default_rng([7, 1, 11])
-    stored = open_array(array_path(store, "demo/lung1_0000"))[...]
+    stored = open_array(member_path(store, frame.loc[image]))[...]
     levels = int(frame.loc[image, "levels"])
     for crop in crops:
         plan = plan_crop(rng, stored.shape[1:], (8, 32, 32), (1.0, 1.0, 1.0), quasi_isotropic=False, augment=False)

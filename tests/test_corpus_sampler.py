@@ -15,7 +15,7 @@ from pumit_nnunet.anisotropy import aniso_d_from_spacing
 from pumit_nnunet.corpus.augment import CropPlan, extract_crop, intensity_augment, plan_crop
 from pumit_nnunet.corpus.catalog import duplicate_group_weight, glob_match, load_catalog
 from pumit_nnunet.corpus.preprocess import (crop_foreground, dequantise, percentiles_above_min, preprocess_image,
-                                            quantise, resize_inplane)
+                                            quantise)
 from pumit_nnunet.corpus.readers import choose_depth_axis
 from pumit_nnunet.corpus.sampler import MIM_CROP, TOKENIZER_CROP, BucketBatchSampler
 
@@ -76,16 +76,6 @@ def test_crop_foreground_matches_numpy_bounding_box():
     np.testing.assert_array_equal(cropped[0], array[0, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]])
     natural = crop_foreground(np.pad(np.ones((3, 1, 4, 5), np.uint8), ((0, 0), (0, 0), (2, 3), (1, 1))), natural=True)
     assert natural.shape == (3, 1, 4, 5)
-
-
-def test_resize_inplane_is_area_averaging_and_updates_spacing():
-    array = np.arange(2 * 1024 * 1536, dtype=np.float32).reshape(1, 2, 1024, 1536) % 97
-    resized, spacing = resize_inplane(array, (3.0, 0.5, 0.5))
-    assert resized.shape == (1, 2, 512, 768) and spacing == (3.0, 1.0, 1.0)
-    expected = array.reshape(1, 2, 512, 2, 768, 2).mean(axis=(3, 5))
-    np.testing.assert_allclose(resized, expected, rtol=1e-6)
-    small = np.ones((1, 1, 100, 600), np.float32)
-    assert resize_inplane(small, (1.0, 1.0, 1.0))[0] is small
 
 
 @given(st.floats(-2000, 0), st.floats(1, 3000), st.sampled_from([255, 1000, 4095]))
@@ -166,7 +156,7 @@ def test_every_batch_is_one_aniso_d_one_shape_one_channel_count():
 
 
 def test_crop_grid_depths_match_the_paper_table():
-    # reference §4.4: depth tokens collapse to 1 once 2**aniso_d > 16, for volumes as for 2D images
+    # as the authors: depth tokens collapse to 1 once 2**aniso_d > 16, for volumes as for 2D images
     assert [TOKENIZER_CROP.shape(a)[0] for a in range(6)] == [64, 32, 16, 8, 4, 1]
     assert [MIM_CROP.shape(a)[0] for a in range(6)] == [80, 40, 20, 10, 5, 1]
     assert TOKENIZER_CROP.shape(5, is_2d=True) == (1, 128, 128) and MIM_CROP.shape(5, True) == (1, 160, 160)

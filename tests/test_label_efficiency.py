@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pumit_nnunet.errors import DataError, UsageError
 from pumit_nnunet.evaluation.label_efficiency import (
     BACKUP, LabelEfficiencyRun, RunnerSettings, label_efficiency_folds, nested_subsets, plan_steps,
     read_manifest, report_tables, run_dir, run_steps, subset_size, write_label_efficiency_splits, write_report,
@@ -43,7 +44,7 @@ def test_nested_subsets_are_nested_exact_and_deterministic(n, seed):
 
 def test_subset_sizes_of_the_smit_btcv_split():
     assert [subset_size(21, f) for f in (0.2, 0.4, 0.6, 0.8, 1.0)] == [4, 8, 13, 17, 21]
-    with pytest.raises(ValueError, match="fraction"):
+    with pytest.raises(UsageError, match="fraction"):
         subset_size(21, 0.0)
 
 
@@ -55,7 +56,7 @@ def test_extra_folds_keep_the_base_folds_and_validation_cases():
         ("scratch", 0.5, 5), ("scratch", 1.0, 6), ("pretrained", 0.5, 7), ("pretrained", 1.0, 8)]
     assert folds[5] == folds[7] and folds[6]["train"] == sorted(base[2]["train"])
     assert all(f["val"] == base[2]["val"] for f in folds[5:])
-    with pytest.raises(ValueError, match="fold 5 does not exist"):
+    with pytest.raises(UsageError, match="fold 5 does not exist"):
         label_efficiency_folds(base, 5, (0.5,), 0)
 
 
@@ -69,7 +70,7 @@ def test_split_file_is_extended_once_and_changes_are_refused(tmp_path):
     assert read_manifest(tmp_path)["runs"] == done["runs"]
     write_label_efficiency_splits(tmp_path, base_fold=0, fractions=(0.2, 0.6, 1.0), seed=1)  # idempotent
     assert json.loads((tmp_path / "splits_final.json").read_text(encoding="utf-8")) == written
-    with pytest.raises(FileExistsError, match="other settings"):
+    with pytest.raises(UsageError, match="other settings"):
         write_label_efficiency_splits(tmp_path, base_fold=0, fractions=(0.2, 0.6, 1.0), seed=2)
     write_label_efficiency_splits(tmp_path, base_fold=1, fractions=(0.5,), seed=2, arms=("scratch",), overwrite=True)
     assert json.loads((tmp_path / "splits_final.json").read_text(encoding="utf-8"))[:5] == base
@@ -95,7 +96,7 @@ def test_commands_are_the_stock_nnunet_ones(tmp_path):
         "-d", "950", "-c", "3d_fullres", "-f", "8", "-tr", "PumitTrainer_T_smoke", "-p", "nnUNetPlans",
         "-chk", "checkpoint_final.pth", "-device", "cpu", "-step_size", "0.25"]
     assert steps[1].fold_dir == tmp_path / "results/PumitTrainer_T_smoke__nnUNetPlans__3d_fullres/fold_6"
-    with pytest.raises(ValueError, match="pretrained weights"):
+    with pytest.raises(UsageError, match="pretrained weights"):
         plan_steps(RunnerSettings("950", tmp_path), _manifest(), tmp_path, tmp_path)
 
 
@@ -143,10 +144,15 @@ def test_run_steps_resume_and_report(raw_ct, tmp_path):
     calls: list[list[str]] = []
     steps[0].fold_dir.mkdir(parents=True)
     (steps[0].fold_dir / "checkpoint_latest.pth").touch()  # an interrupted training continues with --c
-    run_steps(steps, raw_ct / "labelsTr", raw_ct / "dataset.json", runner=_fake_nnunet(raw_ct, calls), log=lambda m: None)
+    with pytest.raises(DataError, match="no prediction for 1 of 3 labelled cases: lung1b"):  # labelsTr has 3 cases
+        run_steps(steps, raw_ct / "labelsTr", raw_ct / "dataset.json", runner=_fake_nnunet(raw_ct, []), log=lambda m: None)
+    (steps[0].fold_dir / "checkpoint_latest.pth").touch()
+    run_steps(steps, raw_ct / "labelsTr", raw_ct / "dataset.json", runner=_fake_nnunet(raw_ct, calls), log=lambda m: None,
+              cases=["lung1", "lung2"])
     assert [c[0] for c in calls] == ["nnUNetv2_train", "nnUNetv2_predict"] * 4 and calls[0][-1] == "--c"
     calls.clear()
-    run_steps(steps, raw_ct / "labelsTr", raw_ct / "dataset.json", runner=_fake_nnunet(raw_ct, calls), log=lambda m: None)
+    run_steps(steps, raw_ct / "labelsTr", raw_ct / "dataset.json", runner=_fake_nnunet(raw_ct, calls), log=lambda m: None,
+              cases=["lung1", "lung2"])
     assert calls == []  # everything done
     csv_path, md_path, png_path = write_report(tmp_path / "out", _manifest()["runs"])
     rows = [line.split(",") for line in csv_path.read_text(encoding="utf-8").splitlines()]
@@ -171,7 +177,7 @@ def test_report_tables_from_given_metrics(tmp_path):
     assert md[0] == "| fraction | training cases | Dice scratch | Dice pretrained | ASSD scratch | ASSD pretrained | HD scratch | HD pretrained |"
     assert md[2] == "| 50% | 1 | 0.6100 | 0.7200 | 3.5000 | 2.2500 | 20.0000 | 10.0000 |"
     assert md[3] == "| 100% | 2 | 0.7000 | – | 2.0000 | – | 12.0000 | – |"
-    with pytest.raises(FileNotFoundError, match="metrics.json"):
+    with pytest.raises(DataError, match="metrics.json"):
         write_report(tmp_path / "empty", runs)
     assert report_tables([])[0] == "arm,fraction,n_train,dice,assd,hd\n"
 
@@ -202,8 +208,8 @@ def test_cli_splits_dry_run_and_report(raw_ct, tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "nnUNetv2_train 960 3d_fullres 1 -tr PumitTrainer -p nnUNetPlans -device cpu" in out
     assert sorted(p.name for p in (tmp_path / "le/test_images").iterdir()) == ["lung1b_0000.nii.gz"]
-    with pytest.raises(FileNotFoundError, match="metrics.json"):
-        _main(["label-efficiency", "report", "960", "--out", str(tmp_path / "le")])
+    assert _main(["label-efficiency", "report", "960", "--out", str(tmp_path / "le")]) == 1
+    assert "metrics.json" in capsys.readouterr().err
 
 
 def test_console_script_runs_label_efficiency(raw_ct, tmp_path):

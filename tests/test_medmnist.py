@@ -35,9 +35,9 @@ PER_CLASS = {"train": 8, "val": 3, "test": 3}
 def _crops_by_tissue(real_demo_dir: Path) -> dict[str, MedMNISTSplit]:
     import SimpleITK as sitk
 
-    case = real_demo_dir / "Dataset904_RealCTHeadTissue"
-    image = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "imagesTr/cranium_0000.nii.gz")))[:, ::2, ::2]
-    label = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "labelsTr/cranium.nii.gz")))[:, ::2, ::2]
+    case = real_demo_dir / "Dataset904_RealCTChestTissue"
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "imagesTr/lung1_0000.nii.gz")))[:, ::2, ::2]
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "labelsTr/lung1.nii.gz")))[:, ::2, ::2]
     grey = (np.clip((image.astype(np.float32) + 1000) / 2000, 0, 1) * 255).astype(np.uint8)
     rng = np.random.default_rng(0)
     inner = np.zeros(label.shape, bool)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
 
@@ -15,6 +16,8 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 from scipy.spatial.distance import cdist
 
+from pumit_nnunet.errors import DataError
+from pumit_nnunet.evaluation.evaluate import EvaluationConfig, evaluate_folders, read_metrics_json
 from pumit_nnunet.evaluation.metrics import (
     chaos_points,
     chaos_score,
@@ -44,14 +47,14 @@ def _perturbed(ref: np.ndarray, erode_label: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def real_pairs(real_demo_dir):
-    """(name, pred, ref, spacing, labels) from real demo labels: head CT tissue/bone and an anisotropic brain mask."""
-    cranium, cranium_spacing, _ = _read_labels(real_demo_dir / "Dataset904_RealCTHeadTissue/labelsTr/cranium.nii.gz")
-    cranium = cranium[44:68, 70:150, 60:140].copy()  # a crop keeps it fast and makes masks touch the border
-    brain, brain_spacing, _ = _read_labels(real_demo_dir / "Dataset901_RealBrainMaskT1/labelsTr/itk_head_t1.nii.gz")
-    brain = brain[15:47, 24:104, 24:104].copy()
+    """(name, pred, ref, spacing, labels) from real demo labels: chest CT tissue/bone and an anisotropic brain mask."""
+    chest, chest_spacing, _ = _read_labels(real_demo_dir / "Dataset904_RealCTChestTissue/labelsTr/lung1.nii.gz")
+    chest = chest[12:36, 150:230, 88:168].copy()  # a crop (spine and back) keeps it fast and makes masks touch the border
+    brain, brain_spacing, _ = _read_labels(real_demo_dir / "Dataset901_RealBrainMaskT1/labelsTr/mni152_coronal.nii.gz")
+    brain = brain[15:47, 8:88, 8:88].copy()
     return [
-        ("cranium", _perturbed(cranium, 2), cranium, cranium_spacing, (1, 2)),
-        ("itk_head_t1", _perturbed(brain, 1), brain, brain_spacing, (1,)),
+        ("chest", _perturbed(chest, 2), chest, chest_spacing, (1, 2)),
+        ("mni152_coronal", _perturbed(brain, 1), brain, brain_spacing, (1,)),
     ]
 
 
@@ -184,9 +187,9 @@ def _write_case(folder, name, array, reference_image):
 
 
 def test_evaluate_command_writes_json_csv_and_table(real_demo_dir, tmp_path, cli_main, capsys):
-    _, spacing, full = _read_labels(real_demo_dir / "Dataset904_RealCTHeadTissue/labelsTr/cranium.nii.gz")
+    _, spacing, full = _read_labels(real_demo_dir / "Dataset904_RealCTChestTissue/labelsTr/lung1.nii.gz")
     ref_full = sitk.GetArrayFromImage(full)
-    cases = {"a": ref_full[40:60, 60:150, 50:140], "b": ref_full[60:80, 80:170, 60:150]}
+    cases = {"a": ref_full[8:28, 60:150, 50:140], "b": ref_full[24:44, 80:170, 60:150]}
     grid = sitk.GetImageFromArray(cases["a"].astype(np.uint8))
     grid.SetSpacing(full.GetSpacing()), grid.SetDirection(full.GetDirection()), grid.SetOrigin((10.0, -5.0, 3.0))
     for name, ref in cases.items():
@@ -209,7 +212,7 @@ def test_evaluate_command_writes_json_csv_and_table(real_demo_dir, tmp_path, cli
     assert rows[0].startswith("case,label,label_name,dice") and len(rows) == 1 + 2 * 2
 
 
-def test_evaluate_names_the_file_with_a_geometry_mismatch(tmp_path, cli_main):
+def test_evaluate_names_the_file_with_a_geometry_mismatch(tmp_path, cli_main, capsys):
     ref = np.zeros((4, 5, 6), np.uint8)
     ref[1:3, 1:4, 1:5] = 1
     grid = sitk.GetImageFromArray(ref)
@@ -219,8 +222,139 @@ def test_evaluate_names_the_file_with_a_geometry_mismatch(tmp_path, cli_main):
     sitk.WriteImage(moved, str(tmp_path / "pred_case.nii.gz"))
     (tmp_path / "pred").mkdir()
     shutil.move(tmp_path / "pred_case.nii.gz", tmp_path / "pred/case.nii.gz")
-    with pytest.raises(ValueError, match=r"pred/case\.nii\.gz: origin"):
-        cli_main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "labels"), "--labels", "1"])
+    assert cli_main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "labels"), "--labels", "1"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(r"pumit-nnunet evaluate: error: .*pred/case\.nii\.gz: origin .* differs from the reference .*",
+                        error)
+    assert not (tmp_path / "pred/metrics.json").exists()
+
+
+# --- no case dropped or misread ----------------------------------------------------------------------------------
+def _blob_cases(tmp_path, n_cases=3):
+    """Label maps (two classes) and predictions shifted by one voxel; returns the grid image."""
+    rng = np.random.default_rng(0)
+    grid = None
+    for i in range(n_cases):
+        ref = np.zeros((8, 12, 12), np.uint8)
+        z, y = rng.integers(1, 3, size=2)
+        ref[z:z + 4, y:y + 6, 2:8] = 1
+        ref[z:z + 3, y + 1:y + 5, 8:11] = 2
+        grid = grid or sitk.GetImageFromArray(ref)
+        _write_case(tmp_path / "labels", f"case{i}", ref, grid)
+        _write_case(tmp_path / "pred", f"case{i}", np.roll(ref, 1, axis=2), grid)
+    return grid
+
+
+def _strict_json(path):
+    def refuse(token):
+        raise AssertionError(f"{path} holds the non-JSON token {token}")
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
+
+
+def test_missing_prediction_is_an_error_naming_the_case(tmp_path, cli_main, capsys):
+    _blob_cases(tmp_path)
+    (tmp_path / "pred/case1.nii.gz").unlink()
+    assert cli_main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "labels"), "--labels", "1", "2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no prediction for 1 of 3 labelled cases: case1" in err[0] and "--missing-as-empty" in err[0]
+    assert not (tmp_path / "pred/metrics.json").exists()
+
+
+def test_missing_as_empty_scores_the_case_as_empty_and_lists_it(tmp_path, cli_main, capsys):
+    _blob_cases(tmp_path)
+    complete = tmp_path / "complete"
+    assert cli_main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "labels"), "--labels", "1", "2",
+                     "--out", str(complete)]) == 0
+    (tmp_path / "pred/case1.nii.gz").unlink()
+    argv = ["evaluate", str(tmp_path / "pred"), str(tmp_path / "labels"), "--labels", "1", "2", "--missing-as-empty"]
+    assert cli_main(argv) == 0
+    assert "case1" in capsys.readouterr().err  # the warning names the case scored as empty
+    full, report = _strict_json(complete / "metrics.json"), _strict_json(tmp_path / "pred/metrics.json")
+    assert report["missing_predictions"] == ["case1"] and report["n_cases"] == 3
+    case1 = next(c for c in report["metric_per_case"] if c["case"] == "case1")
+    assert case1["prediction_missing"] and case1["prediction_file"] is None
+    assert case1["metrics"]["1"]["dice"] == 0.0 and case1["metrics"]["1"]["hd"] is None
+    assert case1["metrics"]["1"]["hd_status"] == "inf"
+    dice = {c["case"]: c["metrics"]["1"]["dice"] for c in full["metric_per_case"]}
+    assert report["mean"]["1"]["dice"] == pytest.approx((dice["case0"] + 0.0 + dice["case2"]) / 3)  # not dropped
+    assert report["mean"]["1"]["hd"] is None and report["mean"]["1"]["hd_status"] == "inf"
+    rows = [r.split(",") for r in (tmp_path / "pred/metrics.csv").read_text(encoding="utf-8").splitlines()]
+    header, case1_rows = rows[0], [r for r in rows if r[0] == "case1"]
+    assert case1_rows[0][header.index("hd")] == "inf" and case1_rows[0][header.index("prediction_missing")] == "yes"
+
+
+def test_strict_json_round_trips_nonfinite_metrics(tmp_path, cli_main):
+    _blob_cases(tmp_path, n_cases=2)
+    ref = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "labels/case0.nii.gz")))
+    _write_case(tmp_path / "pred", "case0", np.where(ref == 2, 0, ref), sitk.ReadImage(str(tmp_path / "labels/case0.nii.gz")))
+    assert cli_main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "labels"), "--labels", "1", "2", "3"]) == 0
+    text = (tmp_path / "pred/metrics.json").read_text(encoding="utf-8")
+    assert "Infinity" not in text and "NaN" not in text
+    _strict_json(tmp_path / "pred/metrics.json")
+    restored = read_metrics_json(tmp_path / "pred/metrics.json")
+    case0 = next(c for c in restored["metric_per_case"] if c["case"] == "case0")["metrics"]
+    assert case0["2"]["hd"] == math.inf and case0["2"]["dice"] == 0.0  # class 2 missed entirely
+    assert math.isnan(case0["3"]["dice"]) and "dice_status" not in case0["3"]  # absent from both: undefined
+    assert restored["mean"]["2"]["assd"] == math.inf and math.isnan(restored["foreground_mean"]["hd95"]) is False
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_float_label_maps_with_exact_integers_are_accepted(tmp_path, cli_main, dtype):
+    grid = _blob_cases(tmp_path, n_cases=1)
+    assert cli_main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "labels"), "--labels", "1", "2",
+                     "--out", str(tmp_path / "as_int")]) == 0
+    for folder in ("pred", "labels"):
+        array = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / folder / "case0.nii.gz"))).astype(dtype)
+        image = sitk.GetImageFromArray(array)
+        image.CopyInformation(grid)
+        sitk.WriteImage(image, str(tmp_path / folder / "case0.nii.gz"))
+    assert cli_main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "labels"), "--labels", "1", "2",
+                     "--out", str(tmp_path / "as_float")]) == 0
+    as_int, as_float = (_strict_json(tmp_path / f / "metrics.json") for f in ("as_int", "as_float"))
+    assert as_float["mean"] == as_int["mean"]
+
+
+@pytest.mark.parametrize("folder", ["pred", "labels"])
+def test_non_integer_label_map_is_refused_naming_the_file(tmp_path, cli_main, capsys, folder):
+    grid = _blob_cases(tmp_path, n_cases=2)
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / folder / "case1.nii.gz"))).astype(np.float32)
+    array[array == 1] = 0.75  # a soft prediction saved as a label map
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(grid)
+    sitk.WriteImage(image, str(tmp_path / folder / "case1.nii.gz"))
+    assert cli_main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "labels"), "--labels", "1", "2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{folder}/case1.nii.gz: " in err and "non-integer values (e.g. 0.75)" in err
+
+
+def test_labels_missing_from_dataset_json_are_reported(tmp_path, cli_main, capsys):
+    _blob_cases(tmp_path, n_cases=2)
+    ref = sitk.ReadImage(str(tmp_path / "labels/case1.nii.gz"))
+    array = sitk.GetArrayFromImage(ref)
+    array[0, 0, :3] = 5  # a label the dataset does not declare
+    _write_case(tmp_path / "labels", "case1", array, ref)
+    dataset_json = tmp_path / "dataset.json"
+    dataset_json.write_text(json.dumps({"labels": {"background": 0, "organ": 1, "tumour": 2}}))
+    argv = ["evaluate", str(tmp_path / "pred"), str(tmp_path / "labels"), "--dataset-json", str(dataset_json)]
+    assert cli_main(argv) == 0
+    assert "label 5 is in 1 cases but not among the evaluated labels: case1" in capsys.readouterr().err
+    assert _strict_json(tmp_path / "pred/metrics.json")["labels_not_evaluated"] == {"5": ["case1"]}
+
+
+def test_two_images_of_one_case_are_refused(tmp_path, cli_main, capsys):
+    grid = _blob_cases(tmp_path, n_cases=1)
+    sitk.WriteImage(sitk.ReadImage(str(tmp_path / "pred/case0.nii.gz")), str(tmp_path / "pred/case0.nrrd"))
+    assert grid is not None
+    assert cli_main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "labels"), "--labels", "1"]) == 1
+    assert "two images of case 'case0': case0.nii.gz and case0.nrrd" in capsys.readouterr().err
+
+
+def test_evaluation_errors_keep_their_file_in_worker_processes(tmp_path):
+    _blob_cases(tmp_path, n_cases=2)
+    (tmp_path / "labels/case1.nii.gz").write_bytes(b"not an image")
+    with pytest.raises(DataError) as caught:
+        evaluate_folders(tmp_path / "pred", tmp_path / "labels", EvaluationConfig((1,)), workers=2, progress=False)
+    assert caught.value.path == tmp_path / "labels/case1.nii.gz"
 
 
 def test_console_script_evaluate(tmp_path):

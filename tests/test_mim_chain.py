@@ -48,13 +48,13 @@ def test_real_images_to_tokenizer_to_mim_to_nnunet_fine_tuning_and_prediction(re
 
     store = ensure_store(real_demo_dir / "Dataset903_RealMRBrainLesion", tmp_path / "corpus")
     tok = tmp_path / "tokenizer"
-    assert main(["pretrain", "tokenizer", "--data", str(store), "--out", str(tok), "--config", "tiny", "--steps", "2",
+    assert main(["pretrain", "tokenizer", "--data", str(store), "--out", str(tok), "--preset", "tiny", "--steps", "2",
                  "--batch-size", "1", "--crop-depth-tokens", "1", "--crop-inplane-tokens", "4", "--device", "cpu",
                  "--precision", "fp32", "--no-perceptual", "--val-every", "2", "--ckpt-every", "2",
                  "--warmup-steps", "1"]) == 0
     # 2. MIM on the trained tokenizer's soft tokens
     mim = tmp_path / "mim"
-    assert main(["pretrain", "mim", "--data", str(store), "--tokenizer", str(tok / "checkpoint_final.pth"), "--out",
+    assert main(["pretrain", "mim", "--data", str(store), "--tokenizer", str(tok / "pumit_tokenizer_final.pth"), "--out",
                  str(mim), "--vit", "T", "--steps", "2", "--warmup-steps", "1", "--batch-size", "1",
                  "--crop-depth-tokens", "2", "--crop-inplane-tokens", "4", "--device", "cpu", "--precision", "fp32",
                  "--log-every", "1", "--image-every", "2"]) == 0

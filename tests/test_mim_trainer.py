@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,42 +11,22 @@ import torch
 import torch.multiprocessing as mp
 
 from pumit_nnunet.checkpoints.format import load_pumit_checkpoint, save_pumit_checkpoint
-from pumit_nnunet.models.tokenizer import UniversalTokenizer, tokenizer_config
 from pumit_nnunet.pretrain.distributed import DistInfo
 from pumit_nnunet.pretrain.mim_trainer import (PUMIT_FINAL, TRAIN_STATE, MIMTrainConfig, MIMTrainer,
                                                load_frozen_tokenizer)
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these tiny models gain nothing from more, and lose a lot on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture
+def store(mim_store) -> Path:
+    return mim_store
 
 
-@pytest.fixture(scope="module")
-def store(real_demo_dir, tmp_path_factory) -> Path:
-    from pumit_nnunet.corpus.api import ensure_store
-
-    return ensure_store(real_demo_dir / "Dataset903_RealMRBrainLesion", tmp_path_factory.mktemp("mim-store"))
-
-
-@pytest.fixture(scope="module")
-def tokenizer_ckpt(tmp_path_factory) -> Path:
-    """A tiny tokenizer with seeded random weights: its soft tokens are a fixed, learnable target (logits scaled up
-    so that the distributions are peaked, as a trained tokenizer's are)."""
-    torch.manual_seed(0)
-    config = tokenizer_config("tiny")
-    tokenizer = UniversalTokenizer(config)
-    with torch.no_grad():
-        tokenizer.quantize.proj.weight.mul_(20)
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.pth"
-    save_pumit_checkpoint(path, kind="tokenizer", state_dict=tokenizer.state_dict(), architecture=config.to_dict())
-    return path
+@pytest.fixture
+def tokenizer_ckpt(mim_tokenizer_ckpt) -> Path:
+    return mim_tokenizer_ckpt
 
 
 def _config(store: Path, tokenizer: Path, out: Path, **overrides) -> MIMTrainConfig:
@@ -99,6 +78,14 @@ def test_resume_equals_uninterrupted(store, tokenizer_ckpt, tmp_path):
         assert (tmp_path / "whole" / name).is_file(), name
 
 
+def _initialised(config: MIMTrainConfig) -> MIMTrainer:
+    from pumit_nnunet.pretrain.run import resume_or_init
+
+    trainer = MIMTrainer(config, CPU)
+    resume_or_init(trainer, None)
+    return trainer
+
+
 def test_init_from_released_pumit_and_eva02_files(store, tokenizer_ckpt, tmp_path):
     from pumit_nnunet.checkpoints import CheckpointError
     from pumit_nnunet.checkpoints.samples import eva02_original_checkpoint, randomise_, released_pumit_checkpoint
@@ -107,18 +94,18 @@ def test_init_from_released_pumit_and_eva02_files(store, tokenizer_ckpt, tmp_pat
     vit = randomise_(UniversalViT(vit_config("T", mask_token=True)), seed=5).state_dict()
     released = released_pumit_checkpoint(vit, codebook_size=64)
     torch.save(released, tmp_path / "pumit-t.ckpt")
-    model = MIMTrainer(_config(store, tokenizer_ckpt, tmp_path, init=str(tmp_path / "pumit-t.ckpt")), CPU).model
+    model = _initialised(_config(store, tokenizer_ckpt, tmp_path, init=str(tmp_path / "pumit-t.ckpt"))).model
     for name, value in released["state_dict"].items():  # ViT, mask token and the matching MIM head
         assert torch.equal(model.state_dict()[name], value), name
 
     torch.save(eva02_original_checkpoint(vit), tmp_path / "eva02.pt")
-    model = MIMTrainer(_config(store, tokenizer_ckpt, tmp_path, init=str(tmp_path / "eva02.pt")), CPU).model
+    model = _initialised(_config(store, tokenizer_ckpt, tmp_path, init=str(tmp_path / "eva02.pt"))).model
     assert torch.equal(model.state_dict()["blocks.3.mlp.w3.weight"], vit["blocks.3.mlp.w3.weight"])
 
     other = UniversalViT(vit_config("T", embed_dim=64, num_heads=1, mlp_hidden_dim=170)).state_dict()
     torch.save(released_pumit_checkpoint(other, 64), tmp_path / "small.ckpt")
-    with pytest.raises(CheckpointError, match="does not fit"):
-        MIMTrainer(_config(store, tokenizer_ckpt, tmp_path, init=str(tmp_path / "small.ckpt")), CPU)
+    with pytest.raises(CheckpointError, match=r"small\.ckpt: the --init weights do not fit the MIM ViT"):
+        _initialised(_config(store, tokenizer_ckpt, tmp_path, init=str(tmp_path / "small.ckpt")))
 
 
 def test_tokenizer_checkpoint_of_the_wrong_kind_is_refused(tmp_path):
@@ -128,12 +115,6 @@ def test_tokenizer_checkpoint_of_the_wrong_kind_is_refused(tmp_path):
         load_frozen_tokenizer(path, torch.device("cpu"))
     with pytest.raises((FileNotFoundError, ValueError), match="absent.pth"):
         load_frozen_tokenizer(tmp_path / "absent.pth", torch.device("cpu"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train_steps(config: MIMTrainConfig, info: DistInfo, batch: torch.Tensor, aniso_d: int, steps: int) -> dict:
@@ -160,11 +141,11 @@ def _gloo_worker(rank: int, port: int, config: MIMTrainConfig, batch, aniso_d: i
 
 
 @pytest.mark.distributed
-def test_two_gloo_processes_agree_with_one_on_the_same_global_batch(store, tokenizer_ckpt, tmp_path):
+def test_two_gloo_processes_agree_with_one_on_the_same_global_batch(store, tokenizer_ckpt, tmp_path, free_port):
     config = _config(store, tokenizer_ckpt, tmp_path, augment=False)
     batch = next(iter(MIMTrainer(replace(config, batch_size=4), CPU).loader))
     out = tmp_path / "ddp.pt"
-    mp.start_processes(_gloo_worker, args=(_free_port(), config, batch.image, batch.aniso_d, str(out)), nprocs=2,
+    mp.start_processes(_gloo_worker, args=(free_port, config, batch.image, batch.aniso_d, str(out)), nprocs=2,
                        start_method="spawn")
     ddp = torch.load(out, weights_only=True)
     single = _train_steps(config, CPU, batch.image, batch.aniso_d, steps=3)

@@ -63,7 +63,7 @@ def test_ct_3d_train_interrupt_resume_validate_predict(nnunet_root: Path, tmp_pa
     run_command(cmd + ["--c"], env)
     import torch
 
-    final = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    final = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=True)
     assert final["current_epoch"] == 2 and final["trainer_name"] == trainer
     logs = sorted(out.glob("training_log_*.txt"), key=os.path.getmtime)
     assert "Epoch 1" in logs[-1].read_text(encoding="utf-8") and "Epoch 0\n" not in logs[-1].read_text(encoding="utf-8")
@@ -107,7 +107,7 @@ def test_isotropic_mri_3d_trains_and_predicts(nnunet_root: Path, tmp_path: Path)
     out = _results(nnunet_root, "Dataset951_RealMRIBrain1mm", trainer, "3d_fullres")
     arch = json.loads((out / "plans.json").read_text(encoding="utf-8"))["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
     assert arch["aniso_d"] == 0 and arch["patch_size"] == [32, 64, 64]
-    image = nnunet_root / "raw" / "Dataset951_RealMRIBrain1mm" / "imagesTr" / "colin27b_0000.nii.gz"
+    image = nnunet_root / "raw" / "Dataset951_RealMRIBrain1mm" / "imagesTr" / "mni152b_0000.nii.gz"
     (prediction,) = _predict(nnunet_root, MRI_ID, "3d_fullres", trainer, [image], tmp_path / "pred_mri")
     _assert_same_geometry(prediction, image)
 
@@ -147,7 +147,7 @@ def test_fine_tuning_from_a_released_format_checkpoint(nnunet_root: Path, tmp_pa
     log = next((_results(nnunet_root, "Dataset950_RealCTLung5mm", trainer, "3d_fullres") / "fold_1").glob("training_log_*.txt"))
     assert log.is_file()
     # the loaded kernel is the SAC reduction of the 16^3 one at aniso_d 3 (groups of 8 depth taps), summed over RGB
-    final = torch.load(log.parent / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
+    final = torch.load(log.parent / "checkpoint_final.pth", map_location="cpu", weights_only=True)["network_weights"]
     expected = reduce_depth_kernel(vit.state_dict()["patch_embed.proj.weight"], 8).sum(1, keepdim=True)
     assert final["backbone.patch_embed.proj.weight"].shape == expected.shape
     # two AdamW steps at lr <= 1e-4 move a weight by at most ~2e-4

@@ -43,7 +43,7 @@ def test_memory_is_monotone_in_patch_and_batch(aniso_d: int, units: list[int], a
 
 def test_vit_activations_are_linear_in_tokens() -> None:
     """SDPA keeps no tokens^2 matrix: twice the tokens (+CLS) cost exactly twice the per-token bytes."""
-    small, large = memory.vit_activation_bytes([32, 128, 128], 2, NET), memory.vit_activation_bytes([32, 256, 256], 2, NET)
+    small, large = memory.vit_saved_bytes([32, 128, 128], 2, NET), memory.vit_saved_bytes([32, 256, 256], 2, NET)
     tokens_small, tokens_large = math.prod(memory.token_grid([32, 128, 128], 2)) + 1, math.prod(memory.token_grid([32, 256, 256], 2)) + 1
     assert small / tokens_small == pytest.approx(large / tokens_large)
     assert tokens_small == 8 * 8 * 8 + 1  # (32 / 4) x (128 / 16)^2 tokens of 4x16x16 voxels
@@ -54,8 +54,8 @@ def test_max_batch_size_is_the_largest_that_fits(budget_gb: float) -> None:
     budget = budget_gb * memory.GIB
     b = memory.max_batch_size([32, 128, 128], 2, NET, budget)
     if b:
-        assert memory.training_memory_bytes([32, 128, 128], b, 2, NET) <= budget
-    assert memory.training_memory_bytes([32, 128, 128], b + 1, 2, NET) > budget
+        assert memory.peak_memory_bytes([32, 128, 128], b, 2, NET) <= budget
+    assert memory.peak_memory_bytes([32, 128, 128], b + 1, 2, NET) > budget
 
 
 def test_batch_size_is_at_least_two() -> None:
@@ -193,6 +193,21 @@ def test_plan_corrupt_fingerprint_and_missing_environment(planning_root: Path, m
     monkeypatch.delenv("nnUNet_raw")
     assert main(["plan", "-d", "950"]) == 2
     assert "nnUNet_raw is not set" in capsys.readouterr().err
+
+
+def test_plan_fits_the_budget_with_checkpointing_and_the_lite_decoder(planning_root: Path, monkeypatch, capsys) -> None:
+    """PUMIT_GPU_MEMORY_GB sets the budget; over it the plan enables activation checkpointing (recorded in the
+    architecture, so the trainer builds that network) and prints why; --decoder lite is recorded too."""
+    _set_env(monkeypatch, planning_root)
+    monkeypatch.setenv("PUMIT_GPU_MEMORY_GB", "2")
+    assert main(["plan", "-d", "950", "-c", "3d_fullres", "--vit", "S", "--decoder", "lite"]) == 0
+    out = capsys.readouterr().out
+    c = json.loads((planning_root / "preprocessed" / CT_NAME / "PumitPlans.json").read_text())["configurations"]["3d_fullres"]
+    kwargs, info = c["architecture"]["arch_kwargs"], c["pumit_planner"]
+    assert kwargs["decoder"] == "lite" and kwargs["activation_checkpointing"] == info["activation_checkpointing"] != "none"
+    assert info["gpu_memory_target_gb"] == 2 and info["gpu_memory_budget_from"] == "PUMIT_GPU_MEMORY_GB"
+    assert info["estimated_memory_gb"] <= 2 and c["batch_size"] >= 2
+    assert "memory fit: activation checkpointing" in out and "budget 2 GiB" in out
 
 
 @pytest.mark.e2e

@@ -96,3 +96,15 @@ def test_bad_plans_fail_clearly() -> None:
         adapt_configuration(broken, "3d_fullres", "B")
     with pytest.raises(ValueError, match="unknown ViT size"):
         adapt_configuration(_stock_plans(), "3d_fullres", "XXL")
+
+
+def test_segmentation_heads_count_like_nnunet_not_the_labels_dict() -> None:
+    """The memory fit sizes the network's head by nnU-Net's count: the ignore label and the background of a
+    region-based dataset have no output channel (``len(labels)`` counted both)."""
+    from pumit_nnunet.nnunet.plans import segmentation_heads
+
+    assert segmentation_heads({"labels": {"background": 0, "liver": 1, "tumour": 2}}) == 3
+    assert segmentation_heads({"labels": {"background": 0, "lesion": 1, "ignore": 2}}) == 2
+    brats = {"labels": {"background": 0, "whole tumour": [1, 2, 3], "tumour core": [2, 3], "enhancing": 3},
+             "regions_class_order": [1, 2, 3]}
+    assert segmentation_heads(brats) == 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import socket
@@ -138,3 +139,75 @@ def test_two_process_collectives(tmp_path):
     torch.testing.assert_close(result["grad_sum"], items.mean(0).sum())
     torch.testing.assert_close(result["reduced"], torch.tensor([0.5]))
     assert result["objects"] == [0, 10]
+
+
+# --- optimiser groups -----------------------------------------------------------------------------------------
+def _groups_by_name(model: torch.nn.Module, weight_decay: float = 0.05) -> tuple[set[str], set[str]]:
+    from pumit_nnunet.optim import build_adamw
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    optimizer = build_adamw(model, lr=1e-4, weight_decay=weight_decay)
+    decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    exempt = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert decayed | exempt == set(names.values()) and not decayed & exempt  # each parameter in one group
+    return decayed, exempt
+
+
+def _declared(model: torch.nn.Module) -> set[str]:
+    """Reference: every ``no_weight_decay()`` name under its module's prefix, plus biases and 1-D parameters."""
+    declared = {f"{prefix}.{n}" if prefix else n for prefix, m in model.named_modules()
+                if hasattr(m, "no_weight_decay") for n in m.no_weight_decay()}
+    params = dict(model.named_parameters())
+    return (declared & set(params)) | {n for n, p in params.items() if p.ndim <= 1 or n.endswith(".bias")}
+
+
+def test_tokenizer_codebook_is_not_weight_decayed():
+    from pumit_nnunet.models.tokenizer import UniversalTokenizer, tokenizer_config
+
+    model = UniversalTokenizer(tokenizer_config("tiny"))
+    decayed, exempt = _groups_by_name(model)
+    assert "quantize.embedding.weight" in exempt  # the codebook (the authors exclude embeddings)
+    assert "quantize.proj.weight" in decayed and "encoder.0.weight" in decayed
+    assert exempt == _declared(model)
+
+
+@pytest.mark.parametrize("vit_size", ["T", "S"])
+def test_vit_groups_come_from_no_weight_decay(vit_size):
+    from pumit_nnunet.models.classifier import PumitClassifier, classifier_vit_config
+    from pumit_nnunet.models.mim import ViTForMIM
+    from pumit_nnunet.models.vit import vit_config
+
+    mim = ViTForMIM(vit_config(vit_size, depth=2, out_indices=(0, 1)), codebook_size=16)
+    decayed, exempt = _groups_by_name(mim)
+    assert {"cls_token", "pos_embed", "mask_token"} <= exempt and exempt == _declared(mim)
+    assert any(n.startswith("blocks.0.") and n.endswith(".weight") for n in decayed)
+    # a wrapper declares nothing of its own: the ViT's names are found under its prefix
+    classifier = PumitClassifier(classifier_vit_config(vit_size, depth=2, out_indices=(0, 1)), 3)
+    decayed, exempt = _groups_by_name(classifier)
+    assert {"vit.cls_token", "vit.pos_embed"} <= exempt and exempt == _declared(classifier)
+    assert "head.weight" in decayed
+
+
+def test_an_embedding_without_a_declaration_is_still_exempt():
+    model = torch.nn.Sequential(torch.nn.Embedding(4, 3), torch.nn.Linear(3, 2))
+    decayed, exempt = _groups_by_name(model)
+    assert decayed == {"1.weight"} and exempt == {"0.weight", "1.bias"}
+
+
+def test_history_with_non_finite_values_is_strict_json(tmp_path):
+    import json
+
+    from pumit_nnunet.io import null_to_nonfinite
+    from pumit_nnunet.pretrain.config import MIMTrainConfig
+    from pumit_nnunet.pretrain.run import HISTORY, write_run_files
+
+    history = {"train/loss": [(1, 0.5), (2, float("nan")), (3, float("inf"))], "val/psnr": [(2, 20.0)]}
+    write_run_files(tmp_path, MIMTrainConfig(data="d", out=str(tmp_path), tokenizer="t"), history)
+
+    def refuse(token):
+        raise ValueError(f"non-strict JSON token {token}")
+
+    written = json.loads((tmp_path / HISTORY).read_text(encoding="utf-8"), parse_constant=refuse)
+    back = null_to_nonfinite(written)
+    assert [p["value"] for p in back["train/loss"]][0::2] == [0.5, float("inf")]
+    assert math.isnan(back["train/loss"][1]["value"]) and back["val/psnr"] == [{"step": 2, "value": 20.0}]

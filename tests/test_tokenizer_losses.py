@@ -27,17 +27,6 @@ from pumit_nnunet.pretrain.losses_tokenizer import (
 )
 
 
-def write_lpips_files(folder, seed: int = 0):
-    """Random-weight stand-ins with the exact key names and shapes of the real files."""
-    gen = torch.Generator().manual_seed(seed)
-    vgg = {k: torch.randn(s, generator=gen) * 0.1 for k, s in vgg16_feature_shapes().items()}
-    vgg["classifier.0.bias"] = torch.zeros(4096)  # the real file also holds the classifier, which is ignored
-    lin = {k: torch.rand(s, generator=gen) for k, s in lpips_lin_shapes().items()}
-    torch.save(vgg, folder / "vgg16-397923af.pth")
-    torch.save(lin, folder / "vgg.pth")
-    return folder / "vgg16-397923af.pth", folder / "vgg.pth"
-
-
 @st.composite
 def distributions(draw):
     k = draw(st.integers(2, 64))
@@ -98,12 +87,7 @@ def test_vgg16_names_equal_torchvision():
 
 
 @pytest.fixture(scope="module")
-def lpips_files(tmp_path_factory):
-    return write_lpips_files(tmp_path_factory.mktemp("lpips"))
-
-
-@pytest.fixture(scope="module")
-def lpips(lpips_files):
+def lpips(lpips_files):  # lpips_files: conftest's random-weight stand-ins with the real key names and shapes
     return LPIPS(*lpips_files)
 
 
@@ -181,3 +165,70 @@ def test_gan_gate_opens_only_when_the_discriminator_clearly_wins():
     other = GanGate()
     other.load_state_dict(state)
     assert (other.ema, other.last, other.is_open) == (gate.ema, gate.last, True)
+
+
+# --- p̄ across processes: both --prior-mean options against their formula, in two real gloo processes --------------
+PRIOR_K = 5
+
+
+def _rank_logits(rank: int) -> torch.Tensor:
+    """Rank r holds 2r + 1 tokens (unequal counts make the two options differ)."""
+    return torch.randn(2 * rank + 1, PRIOR_K, generator=torch.Generator().manual_seed(100 + rank))
+
+
+def _prior_terms(logits: torch.Tensor, scale: torch.Tensor, prior_mean: str):
+    scaled = logits * scale
+    return prior_regularisation(scaled.softmax(-1), scaled.log_softmax(-1), prior_mean)
+
+
+def _prior_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from pumit_nnunet.pretrain import distributed as D
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    D.init_distributed("cpu")
+    result = {}
+    for prior_mean in ("tokens", "processes"):
+        scale = torch.ones((), requires_grad=True)  # a weight shared by the ranks, as DDP keeps it
+        loss, _, mean_probs = _prior_terms(_rank_logits(rank), scale, prior_mean)
+        loss.backward()
+        grad = scale.grad.clone()
+        dist.all_reduce(grad)  # DDP averages the ranks' gradients
+        result[prior_mean] = {"loss": loss.detach(), "mean": mean_probs.detach(), "grad": grad / world}
+    if rank == 0:
+        torch.save(result, out)
+    D.cleanup_distributed()
+
+
+@pytest.mark.distributed
+def test_prior_mean_across_two_processes_follows_each_formula(tmp_path, free_port):
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "prior.pth")
+    mp.start_processes(_prior_worker, args=(2, free_port, out), nprocs=2, join=True, start_method="spawn")
+    result = torch.load(out, weights_only=True)
+    per_rank = [_rank_logits(r) for r in range(2)]
+
+    def reference(mean_of):  # one process computing the formula on every rank's tokens
+        scale = torch.ones((), requires_grad=True)
+        probs = [(logits * scale).softmax(-1) for logits in per_rank]
+        p_bar = mean_of(probs)
+        loss = prior_entropy_loss(p_bar)
+        loss.backward()
+        return loss.detach(), p_bar.detach(), scale.grad
+
+    expected = {
+        "tokens": reference(lambda probs: torch.cat(probs).mean(0)),  # ours: every token of the global batch
+        "processes": reference(lambda probs: torch.stack([p.mean(0) for p in probs]).mean(0)),  # the authors'
+    }
+    for option, (loss, p_bar, grad) in expected.items():
+        torch.testing.assert_close(result[option]["mean"], p_bar)
+        torch.testing.assert_close(result[option]["loss"], loss)
+        torch.testing.assert_close(result[option]["grad"], grad)
+    # 1 + 3 tokens: the two means really differ, so the test tells the options apart
+    assert not torch.allclose(expected["tokens"][1], expected["processes"][1], atol=1e-3)

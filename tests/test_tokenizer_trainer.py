@@ -6,30 +6,26 @@ import argparse
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from pumit_nnunet.checkpoints.format import load_pumit_checkpoint
+from pumit_nnunet.checkpoints.tokenizer import load_tokenizer
+from pumit_nnunet.errors import UsageError
 from pumit_nnunet.pretrain import distributed as D
 from pumit_nnunet.pretrain.checkpoint import load_checkpoint
-from pumit_nnunet.pretrain.tokenizer_trainer import (
-    FINAL,
-    LATEST,
-    TokenizerTrainConfig,
-    TokenizerTrainer,
-    load_tokenizer,
-    prepare_run,
-)
-from tests.test_pretrain_infra import free_port
-from tests.test_tokenizer_losses import write_lpips_files
+from pumit_nnunet.pretrain.run import TRAIN_STATE, preflight
+from pumit_nnunet.pretrain.tokenizer_trainer import FINAL, LATEST, TokenizerTrainConfig, TokenizerTrainer, prepare_run
 
-DATASET = "Dataset904_RealCTHeadTissue"
+DATASET = "Dataset904_RealCTChestTissue"  # 1.14 x 1.14 x 5 mm: aniso_d 2
 
 
 @pytest.fixture(scope="module")
 def raw_dataset(real_demo_dir, tmp_path_factory):
-    """A writable copy of the real head CT dataset (nnU-Net raw layout)."""
+    """A writable copy of the real chest CT tissue dataset (nnU-Net raw layout)."""
     target = tmp_path_factory.mktemp("raw") / DATASET
     shutil.copytree(real_demo_dir / DATASET, target)
     for path in [target, *target.rglob("*")]:
@@ -63,30 +59,33 @@ def test_small_tokenizer_overfits_real_crops(store, tmp_path):
     torch.set_num_threads(2)
     cfg = tiny_config(tmp_path, batch_size=2, steps=100, warmup_steps=0, quant_weight=0.03, entropy_weight=0.01)
     batch = next(iter(_loader(store, cfg, augment=False)))
-    assert batch.image.shape == (2, 1, 16, 32, 32) and batch.aniso_d == 0
+    assert batch.image.shape == (2, 1, 4, 32, 32) and batch.aniso_d == 2
     trainer = TokenizerTrainer(cfg, D.init_distributed("cpu"))
     losses = [trainer.train_step(batch.image, batch.aniso_d)["l1"] for _ in range(25)]
     assert losses[-1] < 0.6 * losses[0], losses
 
 
-def _fit(cfg, store, val_images=None):
-    trainer = prepare_run(cfg, D.init_distributed("cpu"), _loader(store, cfg), val_images)
-    trainer.fit()
+def _fit(cfg, store, val_images=None, resume=False):
+    from pumit_nnunet.pretrain.run import fit
+
+    info = D.init_distributed("cpu")
+    trainer = prepare_run(cfg, info, _loader(store, cfg), val_images, preflight(cfg, info, resume))
+    fit(trainer)
     return trainer
 
 
-def test_resume_is_exact(store, tmp_path):
-    vgg, lin = write_lpips_files(tmp_path)
+def test_resume_is_exact(store, tmp_path, lpips_files):
+    vgg, lin = lpips_files
     common = dict(perceptual=True, vgg16=str(vgg), lpips_lin=str(lin), max_perceptual_slices=4, val_every=2)
     first = next(iter(_loader(store, tiny_config(tmp_path))))
     val_images = [(first.keys[0], "CT", first.image[0], first.aniso_d)]
     straight = _fit(tiny_config(tmp_path / "a", **common), store, val_images)
     _fit(tiny_config(tmp_path / "b", stop_at=2, **common), store, val_images)
     run_b = tmp_path / "b" / "run"
-    assert (run_b / LATEST).exists() and not (run_b / FINAL).exists()
-    with pytest.raises(FileExistsError, match="--resume"):
-        prepare_run(tiny_config(tmp_path / "b", **common), D.init_distributed("cpu"), None)
-    resumed = _fit(tiny_config(tmp_path / "b", resume=True, **common), store, val_images)
+    assert (run_b / TRAIN_STATE).exists() and (run_b / LATEST).exists() and not (run_b / FINAL).exists()
+    with pytest.raises(UsageError, match="--resume"):
+        preflight(tiny_config(tmp_path / "b", **common), D.init_distributed("cpu"), resume=False)
+    resumed = _fit(tiny_config(tmp_path / "b", **common), store, val_images, resume=True)
     assert resumed.step == straight.step == 4 and len(resumed.step_log) == 2
     assert resumed.step_log == straight.step_log[2:]  # identical losses, bit for bit
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
@@ -108,8 +107,6 @@ def _ddp_worker(rank: int, world: int, port: int, folder: str) -> None:
 
 def _run_steps(folder: str, info: D.DistInfo) -> None:
     """Two steps on this rank's share of the saved global batch; rank 0 saves losses and weights."""
-    from pathlib import Path
-
     data = torch.load(Path(folder) / "batch.pth", weights_only=True)
     cfg = tiny_config(Path(folder) / f"w{info.world_size}", gan_threshold=10.0)  # gate always open: covers the GAN term
     trainer = TokenizerTrainer(cfg, info)
@@ -126,10 +123,10 @@ def _run_steps(folder: str, info: D.DistInfo) -> None:
 
 
 @pytest.mark.distributed
-def test_two_processes_agree_with_one(store, tmp_path):
+def test_two_processes_agree_with_one(store, tmp_path, free_port):
     batch = next(iter(_loader(store, tiny_config(tmp_path, batch_size=2), augment=False)))
     torch.save({"image": batch.image, "aniso_d": batch.aniso_d}, tmp_path / "batch.pth")
-    mp.start_processes(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_ddp_worker, args=(2, free_port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     _run_steps(str(tmp_path), D.init_distributed("cpu"))
     one, two = (torch.load(tmp_path / f"result{n}.pth", weights_only=True) for n in (1, 2))
     assert all(step["gan_on"] == 1.0 for step in one["log"] + two["log"])
@@ -170,24 +167,39 @@ def _main(argv: list[str]) -> int:
     return main(argv)
 
 
-def test_command_trains_from_a_raw_dataset_and_resumes(raw_dataset, tmp_path):
+def test_command_trains_from_a_raw_dataset_and_resumes(raw_dataset, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["pretrain", "tokenizer", "--data", str(raw_dataset), "--out", str(out), "--config", "tiny",
+    argv = ["pretrain", "tokenizer", "--data", str(raw_dataset), "--out", str(out), "--preset", "tiny",
             "--steps", "2", "--batch-size", "1", "--crop-depth-tokens", "1", "--crop-inplane-tokens", "2",
             "--no-perceptual", "--device", "cpu", "--precision", "fp32", "--warmup-steps", "1", "--val-every", "1"]
     assert _main(argv) == 0
-    state = torch.load(out / FINAL, weights_only=True)
-    assert state["step"] == 2 and state["package_version"] and state["config"]["num_embeddings"] == 64
-    assert state["train_config"]["preset"] == "tiny"
+    final = load_pumit_checkpoint(out / FINAL)  # the artefact is our checkpoint format, kind "tokenizer"
+    assert final.kind == "tokenizer" and final.extra["step"] == 2 and final.architecture["num_embeddings"] == 64
+    assert final.extra["train_config"]["preset"] == "tiny" and len(final.extra["discriminator"]) > 0
     tokenizer = load_tokenizer(out / FINAL)
     assert not any(p.requires_grad for p in tokenizer.parameters())
     assert tokenizer.encode(torch.zeros(1, 3, 16, 32, 32), 0).shape == (1, 64, 1, 2, 2)
-    with pytest.raises(FileExistsError):
-        _main(argv)
-    with pytest.raises(ValueError, match="--config"):
-        _main([a if a != "tiny" else "small" for a in argv] + ["--resume"])
-    assert _main([a if a != "2" else "3" for a in argv] + ["--resume"]) == 0
-    assert load_checkpoint(out / LATEST)["step"] == 3
+    capsys.readouterr()
+    assert _main(argv) == 2  # refuses to start over a run
+    assert "--resume" in capsys.readouterr().err
+    # the old flag name --config still works (hidden alias); a different preset is refused, naming the field
+    assert _main([a if a != "--preset" else "--config" for a in argv[:-2]] + ["--lr", "5e-4", "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (the corpus progress bar may precede it)
+    assert "lr 0.0001 -> 0.0005" in err and err.startswith("pumit-nnunet pretrain tokenizer: error:")
+    steps_at = argv.index("--steps") + 1
+    assert _main(argv[:steps_at] + ["3"] + argv[steps_at + 1:] + ["--resume"]) == 0  # --steps may change
+    assert load_checkpoint(out / TRAIN_STATE)["step"] == 3
+
+
+def test_resume_without_a_checkpoint_says_it_starts_fresh(raw_dataset, tmp_path, capsys):
+    out = tmp_path / "fresh"
+    argv = ["pretrain", "tokenizer", "--data", str(raw_dataset), "--out", str(out), "--preset", "tiny", "--steps", "3",
+            "--stop-at", "1", "--batch-size", "1", "--crop-depth-tokens", "1", "--crop-inplane-tokens", "2",
+            "--no-perceptual", "--device", "cpu", "--precision", "fp32", "--warmup-steps", "1", "--resume"]
+    assert _main(argv) == 0
+    captured = capsys.readouterr()
+    assert "STARTING A NEW RUN" in captured.err and "--stop-at" in captured.out
+    assert load_checkpoint(out / TRAIN_STATE)["step"] == 1 and not (out / FINAL).exists()
 
 
 def test_help_lists_torchrun_lines():

@@ -5,3 +5,4 @@ search, so the classes live in the library under stable dotted names and are onl
 """
 
 from pumit_nnunet.nnunet.trainers import *  # noqa: F401,F403
+from pumit_nnunet.nnunet.demo_trainers import *  # noqa: F401,F403  (the demo's PUMIT / nnU-Net trainer pairs)

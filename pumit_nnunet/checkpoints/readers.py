@@ -9,7 +9,7 @@ Formats (``SourceWeights.format``):
 - ``"nnunet-results"``: an nnU-Net ``checkpoint_*.pth`` (weights under ``network_weights``);
 - ``"state-dict"``: a bare state dict in PUMIT names.
 
-Files are always read with ``torch.load(weights_only=True)``. Lightning checkpoints may pickle foreign objects
+Files are always read with ``torch.load(weights_only=True)`` and their tensors must be finite. Lightning checkpoints may pickle foreign objects
 (hyper-parameters, callbacks); those are replaced by inert stubs instead of being imported, so reading a
 checkpoint never runs code from it.
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -26,7 +26,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from pumit_nnunet.checkpoints.format import CheckpointError, PumitCheckpoint, checkpoint_from_dict, is_pumit_checkpoint
+from pumit_nnunet.checkpoints.layout import CheckpointError, PumitCheckpoint, checkpoint_from_dict, is_pumit_checkpoint
+from pumit_nnunet.checkpoints.safety import load_weights_only, require_finite
 
 __all__ = ["SourceWeights", "torch_load_checked", "read_weights", "find_encoder_prefix", "vit_flavour"]
 
@@ -62,42 +63,33 @@ class _ForeignObject:
         self.state = state
 
 
+#: standard-library globals that only hold data (Lightning pickles hyper-parameters as these); any other
+#: standard-library global (``io.open``, ``builtins.eval``, ``os.system``...) is how a payload runs code
+_DATA_STDLIB_GLOBALS = ("argparse.Namespace", "pathlib.", "datetime.", "collections.", "uuid.UUID", "decimal.Decimal",
+                        "fractions.Fraction", "enum.")
+
+
+def _code_globals(names: list[str]) -> list[str]:
+    """The standard-library callables among ``names``: a file calling them is refused, never stubbed."""
+    return [name for name in names if name.split(".", 1)[0] in sys.stdlib_module_names
+            and not name.startswith(_DATA_STDLIB_GLOBALS)]
+
+
 def _stubs_for(path: Path) -> list[tuple[type, str]]:
+    """Inert stand-ins for the foreign classes of ``path`` (third-party hyper-parameter objects); refuses files
+    that would call standard-library functions (a stub would keep the payload from running, but such a file is
+    an attack, not a checkpoint: say so)."""
     names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    code = _code_globals(names)
+    if code:
+        raise pickle.UnpicklingError(f"GLOBAL {code[0]} (a standard-library callable)")
     return [(type(name.rsplit(".", 1)[-1], (_ForeignObject,), {"qualname": name}), name) for name in names]
 
 
 def torch_load_checked(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    """``torch.load(weights_only=True)`` with errors that name the file and the problem."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} is not a file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
-    try:
-        if not zipfile.is_zipfile(path):
-            return torch.load(path, map_location=map_location, weights_only=True)
-        with torch.serialization.safe_globals(_stubs_for(path)):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
-        blocked = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line]
-        raise CheckpointError(
-            f"checkpoint {path} holds pickled objects that safe (weights-only) loading refuses to run"
-            + (f": {blocked[0]}" if blocked else f": {_first_line(error)}")
-            + "; save the tensors (state dict) alone, or re-save the file with `pumit-nnunet weights convert`"
-        ) from error
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
-        raise CheckpointError(
-            f"checkpoint {path} ({path.stat().st_size} bytes) cannot be read; it is truncated or not a torch "
-            f"checkpoint: {_first_line(error)}"
-        ) from error
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+    """:func:`~pumit_nnunet.checkpoints.safety.load_weights_only` that also reads Lightning files: their foreign
+    hyper-parameter classes load as inert stubs (standard-library callables are still refused)."""
+    return load_weights_only(path, map_location=map_location, stand_ins=_stubs_for)
 
 
 def _strip_wrappers(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -116,9 +108,8 @@ def find_encoder_prefix(state_dict: Mapping[str, Any], source: str = "checkpoint
     if not hits:
         sample = ", ".join(list(state_dict)[:8])
         raise CheckpointError(
-            f"{source} holds no ViT weights: no '{PATCH_KEY}' among its {len(state_dict)} entries "
-            f"(first keys: {sample}); is it a state dict from another model?"
-        )
+            f"holds no ViT weights: no '{PATCH_KEY}' among its {len(state_dict)} entries "
+            f"(first keys: {sample}); is it a state dict from another model?", source)
     return hits[0]
 
 
@@ -132,7 +123,7 @@ def vit_flavour(encoder: Mapping[str, Tensor]) -> str:
 def _container(obj: Any, source: str) -> tuple[str, Mapping[str, Any]]:
     """Which container the weights sit in, and the raw state dict."""
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{source} holds a {type(obj).__name__}, not a checkpoint dict")
+        raise CheckpointError(f"holds a {type(obj).__name__}, not a checkpoint dict", source)
     if "network_weights" in obj:
         return "nnunet-results", obj["network_weights"]
     for key in ("state_dict", "module", "model"):
@@ -140,7 +131,7 @@ def _container(obj: Any, source: str) -> tuple[str, Mapping[str, Any]]:
             return ("pumit-released" if key == "state_dict" else "eva02"), obj[key]
     if obj and all(isinstance(v, Tensor) for v in obj.values()):
         return "state-dict", obj
-    raise CheckpointError(f"{source}: unrecognised checkpoint layout; top-level keys {sorted(map(str, obj))[:12]}")
+    raise CheckpointError(f"unrecognised checkpoint layout; top-level keys {sorted(map(str, obj))[:12]}", source)
 
 
 def read_weights(source: str | os.PathLike | Mapping[str, Any]) -> SourceWeights:
@@ -150,13 +141,15 @@ def read_weights(source: str | os.PathLike | Mapping[str, Any]) -> SourceWeights
     if is_pumit_checkpoint(obj):
         ckpt = checkpoint_from_dict(obj, name)
         if ckpt.kind == "tokenizer":
-            raise CheckpointError(f"{name} is a tokenizer checkpoint; it holds no ViT weights")
+            raise CheckpointError("is a tokenizer checkpoint; it holds no ViT weights", name)
         state = _strip_wrappers(ckpt.state_dict)
+        require_finite(state, name)
         prefix = ckpt.adaptation.key_to_encoder if ckpt.adaptation else find_encoder_prefix(state, name)
         prefix = f"{prefix}." if prefix and not prefix.endswith(".") else prefix
         return SourceWeights("pumit", state, prefix, name, ckpt)
     container, raw = _container(obj, name)
     state = _strip_wrappers(raw)
+    require_finite(state, name)  # every format: NaN weights would fine-tune into a NaN model
     prefix = find_encoder_prefix(state, name)
     flavour = vit_flavour({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
     if flavour != "pumit" and container in ("state-dict", "pumit-released", "eva02"):

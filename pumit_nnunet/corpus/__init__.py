@@ -1,4 +1,4 @@
-"""The pre-training corpus: catalog, conversion, crop store + manifest, bucketed sampler and loader (§4.4, §5).
+"""The pre-training corpus: catalog, conversion, crop store + manifest, bucketed sampler and loader, as in the PUMIT paper.
 
 Heavy imports (torch) live in ``loader``/``augment``; import those modules directly when you need them.
 """

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from pumit_nnunet.corpus.store import is_store
+from pumit_nnunet.errors import DataError
 
 
 def ensure_store(source: str | os.PathLike, work_dir: str | os.PathLike, *, num_workers: int = 0) -> Path:
@@ -23,5 +24,5 @@ def ensure_store(source: str | os.PathLike, work_dir: str | os.PathLike, *, num_
     report = convert([source], out, num_workers=num_workers, progress=True)
     if report.converted == 0 and report.skipped == 0:
         reasons = "; ".join(f"{s}: {e}" for s, e in report.failures[:5])
-        raise ValueError(f"no image of {source} could be converted ({report.failed} failures: {reasons})")
+        raise DataError(f"no image could be converted ({report.failed} failures: {reasons})", source)
     return out

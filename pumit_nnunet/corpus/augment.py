@@ -1,4 +1,4 @@
-"""Crop geometry and the augmentations of §4.4-§4.5, on the loader workers.
+"""Crop geometry and the authors' crop and intensity augmentations, on the loader workers.
 
 A crop is planned as a field of view (``crop x scale`` voxels) at an integer start; with no scale and no rotation
 it is a plain slice of the store (outside the image reads as 0). Otherwise one trilinear resampling maps each
@@ -32,27 +32,46 @@ class CropPlan:
     out_shape: tuple[int, int, int]
     rotation: tuple[float, float, float] = (0.0, 0.0, 0.0)  # radians about the depth, h and w axes
     flips: tuple[bool, bool, bool] = (False, False, False)
+    #: depth slab [first, last) read before cropping; outside it reads as 0 (None: the whole depth)
+    slab: tuple[int, int] | None = None
 
     @property
     def fov(self) -> tuple[float, float, float]:
         return tuple(n * s for n, s in zip(self.out_shape, self.scale))
 
 
-def plan_crop(rng: np.random.Generator, image_shape, out_shape, scale, *, quasi_isotropic: bool, augment: bool
-              ) -> CropPlan:
-    """A random crop position (pad-then-crop when the image is smaller), rotation and flips."""
+def draw_slab(rng: np.random.Generator, depth: int, max_slices: int | None) -> tuple[int, int] | None:
+    """The authors' reader (``pumit/reader.py``) keeps a random window of ``max_slices`` slices of deeper volumes,
+    first slice ``randint(depth - max_slices)`` (the last possible window is never drawn, as theirs)."""
+    if not max_slices or depth <= max_slices:
+        return None
+    first = int(rng.integers(depth - max_slices))
+    return first, first + max_slices
+
+
+def plan_crop(rng: np.random.Generator, image_shape, out_shape, scale, *, quasi_isotropic: bool, augment: bool,
+              max_slices: int | None = None) -> CropPlan:
+    """A random crop position (pad-then-crop when the image is smaller), rotation and flips.
+
+    ``max_slices``: read a random depth slab first, then crop inside it. This is kept because it changes where
+    depth crops fall: for a volume deeper than the slab the crop's first slice is the sum of two uniform draws (a
+    trapezoid favouring the middle slices), not uniform over the volume, and rotated or depth-scaled crops read
+    zeros beyond the slab instead of the neighbouring slices."""
+    slab = draw_slab(rng, int(image_shape[0]), max_slices)
+    offset = [slab[0] if slab else 0, 0, 0]
+    sizes = [slab[1] - slab[0] if slab else int(image_shape[0]), int(image_shape[1]), int(image_shape[2])]
     start = []
-    for size, n, s in zip(image_shape, out_shape, scale):
+    for size, n, s, o in zip(sizes, out_shape, scale, offset):
         fov = max(int(round(n * s)), 1)
         low, high = min(0, size - fov), max(0, size - fov)
-        start.append(int(rng.integers(low, high + 1)))
+        start.append(o + int(rng.integers(low, high + 1)))
     rotation, flips = (0.0, 0.0, 0.0), (False, False, False)
     if augment:
         if rng.random() < ROTATE_P:
             other = ROTATE_OTHER if quasi_isotropic else 0.0
             rotation = (rng.uniform(-ROTATE_DEPTH, ROTATE_DEPTH), rng.uniform(-other, other), rng.uniform(-other, other))
         flips = tuple(bool(f) for f in rng.random(3) < 0.5)
-    return CropPlan(tuple(start), tuple(float(s) for s in scale), tuple(out_shape), rotation, flips)
+    return CropPlan(tuple(start), tuple(float(s) for s in scale), tuple(out_shape), rotation, flips, slab)
 
 
 def rotation_matrix(angles: tuple[float, float, float]) -> np.ndarray:
@@ -73,7 +92,7 @@ def _resample(array, plan: CropPlan, levels: int) -> torch.Tensor:
     mapped = c_in + (corners - c_out) @ matrix.T
     lo = np.floor(mapped.min(axis=0)).astype(int)
     size = np.floor(mapped.max(axis=0)).astype(int) + 2 - lo
-    box = torch.from_numpy(read_box(array, lo, size).astype(np.float32)) / levels
+    box = torch.from_numpy(read_box(array, lo, size, plan.slab).astype(np.float32)) / levels
     axes = [torch.arange(n, dtype=torch.float64) for n in plan.out_shape]
     grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1) - torch.from_numpy(c_out)
     coords = grid @ torch.from_numpy(matrix.T) + torch.from_numpy(c_in - lo)
@@ -86,7 +105,7 @@ def _resample(array, plan: CropPlan, levels: int) -> torch.Tensor:
 def extract_crop(array, plan: CropPlan, levels: int) -> torch.Tensor:
     """The (C, D, H, W) float32 crop in [0, 1] of a stored image (``q / levels``), flips applied."""
     if plan.rotation == (0.0, 0.0, 0.0) and plan.scale == (1.0, 1.0, 1.0):
-        crop = torch.from_numpy(read_box(array, plan.start, plan.out_shape).astype(np.float32)) / levels
+        crop = torch.from_numpy(read_box(array, plan.start, plan.out_shape, plan.slab).astype(np.float32)) / levels
     else:
         crop = _resample(array, plan, levels).clamp_(0.0, 1.0)
     dims = [axis + 1 for axis, flip in enumerate(plan.flips) if flip]
@@ -94,14 +113,15 @@ def extract_crop(array, plan: CropPlan, levels: int) -> torch.Tensor:
 
 
 def intensity_augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """§4.5 on a [0, 1] image: scale ±0.25 (p 0.15), clamp, contrast ×U(0.75, 1.25) about the mean (p 0.15),
+    """The authors' intensity augmentation on a [0, 1] (C, D, H, W) image: scale ±0.25 (p 0.15), clamp, contrast ×U(0.75, 1.25) about each
+    channel's mean (p 0.15),
     gamma or inverted gamma with γ ~ U(0.7, 1.5) (p 0.3). The result stays in [0, 1]."""
     u = rng.random(7)  # always seven numbers, so the stream does not depend on which branches ran
     if u[0] < 0.15:
         x = x * (1.0 + (u[1] * 0.5 - 0.25))
     x = x.clamp(0.0, 1.0)
-    if u[2] < 0.15:
-        mean = x.mean()
+    if u[2] < 0.15:  # about each channel's own mean (authors' mylib RandAdjustContrastD reduces spatial dims only)
+        mean = x.mean(dim=tuple(range(1, x.dim())), keepdim=True)
         x = ((x - mean) * (0.75 + 0.5 * u[3]) + mean).clamp(0.0, 1.0)
     if u[4] < 0.3:
         gamma = 0.7 + 0.8 * u[5]

@@ -1,4 +1,4 @@
-"""The dataset catalog: the 55 public datasets of the PUMIT corpus (paper §5.5) as data, plus users' own.
+"""The dataset catalog: the 55 public datasets of the PUMIT paper's corpus as data, plus users' own.
 
 The catalog is JSON (``pumit_nnunet/corpus/data/datasets.json``); a store may carry extra entries in its own
 ``catalog.json`` (written by ``pumit-nnunet corpus add``) with the same schema. Layout patterns are globs relative
@@ -19,7 +19,7 @@ from typing import Any
 MODALITY_FROM_DICOM = "auto"
 MODALITY_FROM_DATASET_JSON = "dataset.json"
 DEPTH_AXIS_RULES = ("auto", "S", "A", "R")
-SEQUENCE_4D_RULES = ("duplicates", "channels")
+SEQUENCE_4D_RULES = ("duplicates", "b0+duplicates", "channels")
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,9 @@ class LayoutPattern:
     duplicate_group: str | None = None
     #: DICOM series with fewer slices are skipped (NCTCT keeps series of >= 81 images)
     min_slices: int = 0
+    #: regex on the file name marking the group's b0 volume: it keeps weight 1, the others share (2n-1)/n² with
+    #: n the number of the others (authors' IXI DTI: ``process.py`` IXIProcessor gives index 0 weight 1)
+    b0_pattern: str | None = None
 
 
 @dataclass(frozen=True)
@@ -109,11 +112,19 @@ class Catalog:
 def duplicate_group_weight(n: int) -> float:
     """Weight of each of ``n`` near-duplicate images (cine frames, diffusion directions): (2n - 1) / n².
 
-    The group then weighs ``2 - 1/n`` in total: more than one image, far less than ``n`` (§5.4).
+    The group then weighs ``2 - 1/n`` in total: more than one image, far less than ``n`` (the paper's weighting of near-duplicates).
     """
     if n < 1:
         raise ValueError(f"group size must be >= 1, got {n}")
     return (2 * n - 1) / (n * n)
+
+
+def sequence_weights(n: int, b0_first: bool = False) -> list[float]:
+    """Weights of the ``n`` entries of a near-duplicate group; with ``b0_first`` entry 0 (the b0 volume of a
+    diffusion series, a different contrast from the directions) keeps 1 and the ``n - 1`` others share."""
+    if not b0_first or n < 2:
+        return [duplicate_group_weight(n)] * n
+    return [1.0] + [duplicate_group_weight(n - 1)] * (n - 1)
 
 
 @lru_cache(maxsize=512)

@@ -11,21 +11,41 @@ def _add_convert_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--part", type=int, default=0, help="this machine's share, 0-based (with --parts)")
     parser.add_argument("--parts", type=int, default=1, help="number of machines sharing the conversion")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--resample-uneven-series", action="store_true",
+                        help="interpolate DICOM series (and multi-frame files) with missing or unevenly spaced slices "
+                             "onto an even grid at the median step, instead of refusing them")
+    parser.add_argument("--max-nonfinite", type=float, default=0.01, metavar="FRACTION",
+                        help="refuse images with a larger share of NaN/Inf voxels (default 0.01); below it they are "
+                             "replaced by the finite minimum and reported")
+
+
+def _options(args: argparse.Namespace):
+    from pumit_nnunet.corpus.convert import ConvertOptions
+
+    return ConvertOptions(resample_uneven=args.resample_uneven_series, max_nonfinite=args.max_nonfinite)
 
 
 def _print_conversion(report) -> int:
-    print(f"converted {report.converted} images, skipped {report.skipped} items already done, "
-          f"{report.failed} failures; store: {report.store}")
-    for source, reason in report.failures[:50]:
-        print(f"  FAILED {source}: {reason}")
-    return 0 if report.converted or report.skipped or not report.failures else 1
+    """Summary on stdout, one line per failure on stderr; exit 1 when any input failed."""
+    import sys
+
+    print(f"converted {report.converted} images, skipped {report.skipped} unchanged items, "
+          f"replaced {len(report.changed)} changed sources, {report.failed} failures; store: {report.store}")
+    for source in report.changed[:50]:
+        print(f"  CHANGED {source}: source differs from the converted one; its stored images were replaced")
+    for source, note in report.warnings[:50]:
+        print(f"  WARNING {source}: {note}")
+    for source, reason in report.failures:
+        print(f"pumit-nnunet corpus convert: error: {source}: {reason}", file=sys.stderr)
+    return 1 if report.failures else 0
 
 
 def _convert(args: argparse.Namespace) -> int:
     from pumit_nnunet.corpus.convert import convert
 
     report = convert(args.sources, args.out, dataset=args.dataset, modality=args.modality or "",
-                     num_workers=args.workers, part=args.part, parts=args.parts, progress=not args.no_progress)
+                     num_workers=args.workers, part=args.part, parts=args.parts, progress=not args.no_progress,
+                     options=_options(args))
     return _print_conversion(report)
 
 
@@ -42,9 +62,11 @@ def _inspect(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     from pumit_nnunet.corpus.report import validate_store
 
+    import sys
+
     report = validate_store(args.store)
-    for key, problem in report.problems:
-        print(f"  BROKEN {key}: {problem}")
+    for path, problem in report.problems:
+        print(f"pumit-nnunet corpus validate: error: {path}: {problem}", file=sys.stderr)
     print(f"checked {report.checked} images, {len(report.problems)} problems")
     return 1 if report.problems else 0
 
@@ -63,7 +85,7 @@ def _add(args: argparse.Namespace) -> int:
                        citation=args.citation, licence=args.licence, notes=f"added from {Path(args.folder).resolve()}")
     write_catalog_file(catalog_file, specs + [spec])
     report = convert([args.folder], store, dataset=args.name, modality=args.modality, num_workers=args.workers,
-                     part=args.part, parts=args.parts, progress=not args.no_progress)
+                     part=args.part, parts=args.parts, progress=not args.no_progress, options=_options(args))
     return _print_conversion(report)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pumit_nnunet.corpus.catalog import (MODALITY_FROM_DATASET_JSON, MODALITY_FROM_DICOM, DatasetSpec,
                                          duplicate_group_weight)
+from pumit_nnunet.corpus.metaimage import detached_data_name
 from pumit_nnunet.corpus.readers import DICOM_SUFFIXES, is_image_path, looks_like_dicom
 
 _IGNORED_NAMES = {"dataset.json", "README.md", "readme.txt", "LICENSE", ".DS_Store"}
@@ -40,6 +41,7 @@ class SourceItem:
     min_slices: int = 0
     multiplier: float = 1.0
     error: str = ""
+    fingerprint: str = ""  # set by the conversion run (``fingerprint.quick_fingerprint``)
 
 
 def modality_from_channel_name(name: str) -> str:
@@ -89,9 +91,23 @@ def _dicom_series(folder: Path, files: list[Path]) -> list[tuple[Path, tuple[str
     return out
 
 
+UNREADABLE = "unreadable"
+
+
+def _folder_problem(error: OSError) -> str:
+    if isinstance(error, PermissionError):
+        return f"permission denied: {error.filename}"
+    return " ".join(f"unreadable folder: {error}".split())
+
+
 def _walk(root: Path):
-    """Yield (path, files of a DICOM series or (), key suffix, is_image) for everything under ``root``."""
-    for folder, dirs, names in os.walk(root):
+    """Yield (path, files of a DICOM series or (), key suffix, kind) for everything under ``root``; kind is
+    "image", "other", or ``UNREADABLE`` with the reason (a folder that cannot be listed is reported, not
+    silently left out, and the rest of the walk goes on)."""
+    unreadable: list[OSError] = []
+    for folder, dirs, names in os.walk(root, onerror=unreadable.append):
+        yield from ((Path(e.filename), (), "", (UNREADABLE, _folder_problem(e))) for e in unreadable)
+        unreadable.clear()
         dirs.sort()
         folder_path = Path(folder)
         dicoms, others = [], []
@@ -101,31 +117,49 @@ def _walk(root: Path):
             path = folder_path / name
             is_dicom = name.lower().endswith(DICOM_SUFFIXES) or ("." not in name and looks_like_dicom(path))
             (dicoms if is_dicom else others).append(path)
+        detached = {detached_data_name(p) for p in others if p.suffix.lower() in (".mhd", ".nhdr")}
+        others = [p for p in others if p.name not in detached]  # the data of a header beside it, read with it
         for path, files, suffix in (_dicom_series(folder_path, dicoms) if dicoms else ()):
-            yield path, files, suffix, True
+            yield path, files, suffix, ("image", "")
         for path in others:
-            yield path, (), "", is_image_path(path)
+            yield path, (), "", ("image", "") if is_image_path(path) else ("other", "")
+    yield from ((Path(e.filename), (), "", (UNREADABLE, _folder_problem(e))) for e in unreadable)
 
 
-def _apply_duplicate_groups(items: list[SourceItem], patterns: dict[str, str]) -> list[SourceItem]:
-    groups = {item.key: re.search(patterns[item.key], Path(item.path).name) for item in items if item.key in patterns}
-    group_of = {key: match.group(1) for key, match in groups.items() if match}
-    sizes = Counter(group_of.values())
-    return [replace(item, weight=duplicate_group_weight(sizes[group_of[item.key]])) if item.key in group_of else item
-            for item in items]
+def _apply_duplicate_groups(items: list[SourceItem], patterns: dict[str, tuple[str, str | None]]) -> list[SourceItem]:
+    """Near-duplicate files of one group weigh (2n-1)/n² each; a group's b0 file (``b0_pattern``) keeps 1 and
+    the n others share, as the authors weight IXI DTI."""
+    names = {item.key: Path(item.path).name for item in items}
+    group_of = {}
+    for key, (pattern, _) in patterns.items():
+        match = re.search(pattern, names[key])
+        if match:
+            group_of[key] = match.group(1)
+    is_b0 = {key: bool(b0 and re.search(b0, names[key])) for key, (_, b0) in patterns.items()}
+    sizes = Counter(group_of[k] for k in group_of if not is_b0[k])
+    out = []
+    for item in items:
+        if item.key in group_of:
+            weight = 1.0 if is_b0[item.key] else duplicate_group_weight(max(sizes[group_of[item.key]], 1))
+            item = replace(item, weight=weight)
+        out.append(item)
+    return out
 
 
 def discover_layout(root: Path, spec: DatasetSpec) -> list[SourceItem]:
     """Items under ``root`` matched by the dataset's layout patterns (unmatched files are not its images)."""
     items, duplicate_patterns = [], {}
-    for path, files, suffix, _ in _walk(root):
+    for path, files, suffix, (kind, problem) in _walk(root):
+        if kind == UNREADABLE:
+            items.append(_item(spec, root, path, "", error=problem))
+            continue
         layout = spec.match(path.relative_to(root).as_posix())
         if layout is None or (files and len(files) < layout.min_slices):
             continue
         item = _item(spec, root, path, layout.modality, files=files, min_slices=layout.min_slices)
         item = replace(item, key=item.key + suffix)
         if layout.duplicate_group:
-            duplicate_patterns[item.key] = layout.duplicate_group
+            duplicate_patterns[item.key] = (layout.duplicate_group, layout.b0_pattern)
         items.append(item)
     return _apply_duplicate_groups(items, duplicate_patterns)
 
@@ -135,8 +169,9 @@ def discover_plain(root: Path, spec: DatasetSpec, modality: str = MODALITY_FROM_
     if root.is_file():
         return [_item(spec, root.parent, root, modality)]
     items = []
-    for path, files, suffix, is_image in _walk(root):
-        error = "" if is_image else f"not an image file (unsupported type {path.suffix or 'without extension'!r})"
+    for path, files, suffix, (kind, problem) in _walk(root):
+        error = problem or ("" if kind == "image" else
+                            f"not an image file (unsupported type {path.suffix or 'without extension'!r})")
         item = _item(spec, root, path, modality, files=files, error=error)
         items.append(replace(item, key=item.key + suffix))
     return items

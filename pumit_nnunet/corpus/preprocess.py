@@ -1,4 +1,4 @@
-"""Pure per-image preprocessing (§5.1, §5.3): foreground crop, in-plane resize, statistics, [0, 1] scaling.
+"""Pure per-image preprocessing (the authors' corpus preparation): foreground crop, in-plane resize, statistics, [0, 1] scaling.
 
 Everything works on depth-first ``(C, D, H, W)`` arrays. The stored form is quantised: ``q = round(x * levels)``
 with ``levels`` chosen so that one level is at most one unit of an integer source (at most 4095 levels, i.e.
@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from pumit_nnunet.errors import DataError
 
 MAX_INPLANE = 512
 PERCENTILES = (0.5, 99.5)
@@ -52,19 +54,37 @@ def foreground_bbox(mask: np.ndarray) -> tuple[slice, ...]:
 
 
 def crop_foreground(array: np.ndarray, natural: bool) -> np.ndarray:
-    """Crop ``(C, D, H, W)`` to voxels above 0 (natural images) or above the 0.5th percentile in every channel."""
-    if natural:
-        mask = (array > 0).any(axis=0)
-    else:
-        mask = np.ones(array.shape[1:], dtype=bool)
-        for channel in array:
-            mask &= channel > percentiles_above_min(channel)[0]
+    """Crop ``(C, D, H, W)`` to voxels where every channel is above 0 (natural images) or above its own 0.5th
+    percentile (scans): the authors' ``ValueBasedCropper`` takes ``all`` over channels (``process.py``)."""
+    mask = np.ones(array.shape[1:], dtype=bool)
+    for channel in array:
+        mask &= channel > (0 if natural else percentiles_above_min(channel)[0])
     return array[(slice(None), *foreground_bbox(mask))]
 
 
-def resize_inplane(array: np.ndarray, spacing: tuple[float, float, float], max_size: int = MAX_INPLANE
-                   ) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """Shrink the shorter in-plane side to ``max_size`` when larger (area interpolation); spacing follows."""
+def antialias_sigma(in_size: int, out_size: int) -> float:
+    """skimage's (and MONAI ``Resize(anti_aliasing=True)``'s) Gaussian sigma for a downscale: max(0, (f - 1) / 2)."""
+    return max(0.0, (in_size / out_size - 1.0) / 2.0)
+
+
+def _gaussian_area(tensor, size: tuple[int, int]):
+    """MONAI's erf-integrated Gaussian (truncated at 4 sigma, zero padding) in-plane, then area interpolation:
+    what the authors' ``mt.Resize(..., anti_aliasing=True)`` does to the two in-plane axes (depth is not resized)."""
+    import torch.nn.functional as F
+    from monai.networks.layers.simplelayers import GaussianFilter
+
+    sigma = [antialias_sigma(n, m) for n, m in zip(tensor.shape[2:], size)]
+    smoothed = GaussianFilter(2, sigma).to(tensor.dtype)(tensor) if max(sigma) > 0 else tensor
+    return F.interpolate(smoothed, size=size, mode="area")
+
+
+def resize_inplane(array: np.ndarray, spacing: tuple[float, float, float], max_size: int = MAX_INPLANE,
+                   natural: bool = False) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Shrink the shorter in-plane side to ``max_size`` when larger; spacing follows.
+
+    Scans: Gaussian anti-aliasing then area, at ``round(side * r)`` (``process.py`` ``process_image``). Natural
+    images: torchvision's ``Resize(512, antialias=True)`` (bilinear with antialiasing, long side ``int(512 * l / s)``),
+    as the authors' ``NaturalImageLoaderMixin``."""
     import torch
     import torch.nn.functional as F
 
@@ -72,9 +92,16 @@ def resize_inplane(array: np.ndarray, spacing: tuple[float, float, float], max_s
     if min(h, w) <= max_size:
         return array, spacing
     ratio = max_size / min(h, w)
-    size = (max(round(h * ratio), 1), max(round(w * ratio), 1))
-    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).reshape(1, c * d, h, w)
-    resized = F.interpolate(tensor, size=size, mode="area").reshape(c, d, *size).numpy()
+    if natural:
+        size = (max_size, int(max_size * w / h)) if h <= w else (int(max_size * h / w), max_size)
+    else:
+        size = (max(round(h * ratio), 1), max(round(w * ratio), 1))
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).reshape(c * d, 1, h, w)
+    if natural:
+        resized = F.interpolate(tensor, size=size, mode="bilinear", antialias=True, align_corners=False)
+    else:
+        resized = _gaussian_area(tensor, size)
+    resized = resized.reshape(c, d, *size).numpy()
     return resized, (spacing[0], spacing[1] * h / size[0], spacing[2] * w / size[1])
 
 
@@ -95,7 +122,7 @@ def choose_levels(low: float, high: float, integer_source: bool) -> int:
 def quantise(array: np.ndarray, low: float, high: float, levels: int) -> np.ndarray:
     """Scale ``[low, high]`` to ``[0, 1]`` (clipped) and store ``round(x * levels)`` in the smallest uint type."""
     if not high > low:
-        raise ValueError(f"constant image: intensity range [{low}, {high}] is empty")
+        raise DataError(f"constant image: intensity range [{low}, {high}] is empty")
     x = (array.astype(np.float32) - np.float32(low)) / np.float32(high - low)
     q = np.rint(np.clip(x, 0.0, 1.0) * levels)
     return q.astype(np.uint8 if levels <= NATURAL_LEVELS else np.uint16)
@@ -118,8 +145,13 @@ class Preprocessed:
 def preprocess_image(array: np.ndarray, spacing: tuple[float, float, float], natural: bool) -> Preprocessed:
     """Crop, resize, measure and quantise one ``(C, D, H, W)`` image (natural: 0-255 -> [0, 1])."""
     integer_source = np.issubdtype(array.dtype, np.integer)
-    array = crop_foreground(array, natural)
-    array, spacing = resize_inplane(array, spacing)
+    if natural:  # the authors crop on "any channel > 0" when loading, resize, then crop on "all channels > 0"
+        array = array[(slice(None), *foreground_bbox((array > 0).any(axis=0)))]
+        array, spacing = resize_inplane(array, spacing, natural=True)
+        array = crop_foreground(array, natural)
+    else:
+        array = crop_foreground(array, natural)
+        array, spacing = resize_inplane(array, spacing)
     stats = intensity_stats(array)
     if natural:
         low, high, levels = 0.0, 255.0, NATURAL_LEVELS

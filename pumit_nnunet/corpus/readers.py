@@ -14,7 +14,12 @@ from typing import Sequence
 import numpy as np
 
 from pumit_nnunet.anisotropy import SPACING_2D_DEPTH
-from pumit_nnunet.corpus.catalog import duplicate_group_weight
+from pumit_nnunet.corpus.catalog import sequence_weights
+from pumit_nnunet.corpus.dicom import (check_pixel_bytes, describe_gaps, pixel_spacing, read_multiframe, resample_even,
+                                       series_geometry)
+from pumit_nnunet.corpus.integrity import check_source_file
+from pumit_nnunet.corpus.nifti_raw import nonfinite_mask
+from pumit_nnunet.errors import DataError
 
 NATURAL_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -160,6 +165,7 @@ def _read_dicom_pydicom(path: Path) -> _Loaded:
     import pydicom
 
     dataset = pydicom.dcmread(str(path))
+    check_pixel_bytes(dataset, str(path))
     array = np.asarray(dataset.pixel_array)
     if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4) and getattr(dataset, "SamplesPerPixel", 1) > 1):
         array = array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
@@ -170,11 +176,30 @@ def _read_dicom_pydicom(path: Path) -> _Loaded:
     return _Loaded(array[None], (SPACING_2D_DEPTH, *pixel), np.eye(3), str(getattr(dataset, "Modality", "")), True)
 
 
-def _read_file(path: Path) -> _Loaded:
+def _dicom_frames(path: Path) -> int:
+    import pydicom
+
+    try:
+        return int(getattr(pydicom.dcmread(str(path), stop_before_pixels=True), "NumberOfFrames", 1) or 1)
+    except Exception:  # noqa: BLE001 - unreadable headers are reported by the reader below
+        return 1
+
+
+def _read_multiframe(path: Path, resample: bool) -> _Loaded:
+    frames = read_multiframe(str(path), resample)
+    is_2d = frames.array.shape[2] == 1
+    spacing = (SPACING_2D_DEPTH, *frames.spacing[1:]) if is_2d else frames.spacing
+    return _Loaded(frames.array, spacing, np.eye(3), frames.modality, is_2d)
+
+
+def _read_file(path: Path, resample: bool = False) -> _Loaded:
     import SimpleITK as sitk
 
     if path.name.lower().endswith(NATURAL_SUFFIXES):
         return _read_natural(path)
+    nonfinite = check_source_file(path)
+    if looks_like_dicom(path) and _dicom_frames(path) > 1:
+        return _read_multiframe(path, resample)  # GDCM would stack cine frames as depth with 1 mm spacing
     try:
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
@@ -187,12 +212,31 @@ def _read_file(path: Path) -> _Loaded:
         _check_spacing(nifti_pixdim(path) or (0.0,), str(path))
     loaded = _from_sitk(image, str(path))
     loaded.dicom_modality = _dicom_modality(reader)
+    if nonfinite:
+        _restore_nonfinite(loaded, path)
     return loaded
 
 
-def _read_series(files: Sequence[str], source: str) -> _Loaded:
+def _restore_nonfinite(loaded: _Loaded, path: Path) -> None:
+    """Put back the NaN that ITK's NIfTI reader turned into 0, so the finiteness check counts and replaces them."""
+    mask = nonfinite_mask(path)
+    if mask.shape != loaded.array.shape:
+        raise DataError(f"cannot locate the NaN/Inf voxels: raw data {mask.shape} vs image {loaded.array.shape}", path)
+    loaded.array = np.where(mask, np.float32(np.nan), loaded.array.astype(np.float32, copy=False)
+                            if not np.issubdtype(loaded.array.dtype, np.floating) else loaded.array)
+
+
+def _read_series(files: Sequence[str], source: str, resample: bool = False) -> _Loaded:
+    """A DICOM series, refused when its slice positions are uneven (a missing slice) unless ``resample``."""
+    import pydicom
     import SimpleITK as sitk
 
+    geometry = series_geometry(files, source)
+    if not geometry.uniform and not resample:
+        raise DataError(f"DICOM series with missing or unevenly spaced slices: {describe_gaps(geometry.positions, geometry.step)}"
+                        f"; pass --resample-uneven-series to interpolate onto an even grid", source)
+    pixel_spacing(pydicom.dcmread(geometry.files[0], stop_before_pixels=True), geometry.files[0])
+    files = geometry.files
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(list(files))
     reader.MetaDataDictionaryArrayUpdateOn()
@@ -201,6 +245,9 @@ def _read_series(files: Sequence[str], source: str) -> _Loaded:
     except RuntimeError as error:
         raise ValueError(f"unreadable DICOM series {source}: {str(error).strip().splitlines()[-1]}") from error
     loaded = _from_sitk(image, source)
+    if not geometry.uniform:  # opted in: linear interpolation along the slice axis at the median step
+        loaded.array = resample_even(loaded.array[0], geometry.positions, geometry.step)[None]
+        loaded.spacing = (geometry.step, *loaded.spacing[1:])
     key = "0008|0060"
     loaded.dicom_modality = reader.GetMetaData(0, key).strip() if reader.HasMetaDataKey(0, key) else ""
     return loaded
@@ -233,13 +280,14 @@ def _split_channels(loaded: _Loaded) -> list[tuple[np.ndarray, int | None, int |
 
 
 def load_source(path: str, files: Sequence[str] = (), *, depth_rule: str = "auto", sequence_4d: str = "duplicates",
-                modality: str = "", channel_modalities: Sequence[str] = ()) -> list[RawImage]:
+                modality: str = "", channel_modalities: Sequence[str] = (), resample_uneven: bool = False
+                ) -> list[RawImage]:
     """Read a file (or the DICOM series ``files``) into depth-first images, split per channel and frame.
 
     4D sequences become one image per entry: near-duplicates (cine frames, diffusion directions) weighted
-    ``(2n-1)/n²`` each, or distinct modalities (``sequence_4d="channels"``, named by ``channel_modalities``).
+    ``(2n-1)/n²`` each (``"b0+duplicates"``: entry 0 is the b0 volume and keeps weight 1, as the authors), or distinct modalities (``sequence_4d="channels"``, named by ``channel_modalities``).
     """
-    loaded = _read_series(files, path) if files else _read_file(Path(path))
+    loaded = _read_series(files, path, resample_uneven) if files else _read_file(Path(path), resample_uneven)
     if not modality or modality == "auto":
         modality = DICOM_MODALITIES.get(loaded.dicom_modality, loaded.dicom_modality or "unknown")
     depth = 0 if loaded.is_2d else choose_depth_axis(loaded.spacing, loaded.direction, depth_rule)
@@ -254,7 +302,7 @@ def load_source(path: str, files: Sequence[str] = (), *, depth_rule: str = "auto
             if frame < len(channel_modalities):
                 image_modality = channel_modalities[frame]
         elif frame is not None:
-            suffix, weight = f"-t{frame}" + suffix, duplicate_group_weight(sequence)
+            suffix, weight = f"-t{frame}" + suffix, sequence_weights(sequence, sequence_4d == "b0+duplicates")[frame]
         array = np.ascontiguousarray(np.transpose(array, (0, *(a + 1 for a in order))))
         images.append(RawImage(array, spacing, image_modality, suffix, weight, loaded.is_2d, tuple(loaded.array.shape)))
     return images

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from pumit_nnunet.anisotropy import MAX_ANISO_D, aniso_d_from_spacing
-from pumit_nnunet.corpus.store import array_path, open_array, read_manifest
+from pumit_nnunet.corpus.store import data_checksum, member_path, open_array, read_manifest
 
 
 def with_aniso_d(frame):
@@ -40,8 +40,7 @@ def plot_counts(counts: dict, path: str | os.PathLike) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pumit_nnunet.io import atomic_write_bytes
-    import io
+    from pumit_nnunet.io import write_figure_atomic
 
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for ax, name in zip(axes, ("by_dataset", "by_modality", "by_aniso_d")):
@@ -50,12 +49,7 @@ def plot_counts(counts: dict, path: str | os.PathLike) -> Path:
         ax.set_title(name.replace("_", " "))
         ax.tick_params(axis="x", rotation=60)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    path = Path(path)
-    figure.savefig(buffer, format=path.suffix.lstrip(".") or "png")
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
+    return write_figure_atomic(figure, path)
 
 
 @dataclass
@@ -66,19 +60,26 @@ class ValidationReport:
     problems: list[tuple[str, str]] = field(default_factory=list)  # (key, problem)
 
 
+def check_member(store: str | os.PathLike, row) -> None:
+    """Re-read one stored image completely: present, decodable, shape, value range and checksum as recorded."""
+    data = open_array(member_path(store, row))[...]
+    expected = (row.channels, row.shape_d, row.shape_h, row.shape_w)
+    if tuple(data.shape) != expected:
+        raise ValueError(f"shape {tuple(data.shape)} != manifest {expected}")
+    if data.size and int(data.max()) > int(row.levels):
+        raise ValueError(f"value {int(data.max())} above the {row.levels} quantisation levels")
+    if row.data_sha1 and data_checksum(data) != row.data_sha1:
+        raise ValueError("content differs from the checksum recorded at conversion (corrupted on disk)")
+
+
 def validate_store(store: str | os.PathLike) -> ValidationReport:
-    """Re-open every converted image: file present, shape and value range as the manifest says."""
+    """Re-open every converted image (see ``check_member``); every broken one is reported, not just the first."""
     frame = read_manifest(store)
     report = ValidationReport()
     for row in frame[frame["status"] == "ok"].itertuples(index=False):
         report.checked += 1
         try:
-            data = open_array(array_path(Path(store), row.key))[...]
-            expected = (row.channels, row.shape_d, row.shape_h, row.shape_w)
-            if tuple(data.shape) != expected:
-                raise ValueError(f"shape {tuple(data.shape)} != manifest {expected}")
-            if data.size and int(data.max()) > int(row.levels):
-                raise ValueError(f"value {int(data.max())} above the {row.levels} quantisation levels")
-        except Exception as error:  # noqa: BLE001 - every broken file is reported, not just the first
-            report.problems.append((row.key, f"{type(error).__name__}: {error}"))
+            check_member(store, row)
+        except Exception as error:  # noqa: BLE001 - blosc2 raises RuntimeError/ValueError/OSError for broken files
+            report.problems.append((str(member_path(store, row)), " ".join(f"{type(error).__name__}: {error}".split())))
     return report

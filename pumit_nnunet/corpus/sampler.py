@@ -1,4 +1,4 @@
-"""The anisotropy-bucketed weighted batch sampler (§4.4), deterministic and exactly resumable.
+"""The anisotropy-bucketed weighted batch sampler (the authors' anisotropy buckets), deterministic and exactly resumable.
 
 Images are drawn with replacement, proportionally to ``weight x dataset multiplier``, in blocks that are a pure
 function of ``(seed, block number)``. Each draw gets scale-augmentation factors and so an ``aniso_d``; draws go
@@ -21,7 +21,7 @@ from pumit_nnunet.anisotropy import MAX_ANISO_D, aniso_d_from_spacing, token_dep
 
 @dataclass(frozen=True)
 class CropGrid:
-    """A crop as a token grid: ``tokens x stride`` voxels per axis, depth tokens shrinking with aniso_d (§4.4)."""
+    """A crop as a token grid: ``tokens x stride`` voxels per axis, depth tokens shrinking with aniso_d."""
 
     tokens_depth: int  # tokenizer 4, MIM 5
     tokens_inplane: int  # tokenizer 8, MIM 10
@@ -31,9 +31,14 @@ class CropGrid:
     def inplane(self) -> int:
         return self.tokens_inplane * self.stride
 
+    @property
+    def max_slices(self) -> int:
+        """Depth of the random slab read before cropping: ``int(1.5 * tz * stride)`` (authors' ``PUMTReader``)."""
+        return int(1.5 * self.tokens_depth * self.stride)
+
     def shape(self, aniso_d: int, is_2d: bool = False) -> tuple[int, int, int]:
         """Crop (D, H, W): depth ``tokens_depth * max(stride >> aniso_d, 1)``; 1 for a 2D image and for any volume at
-        ``aniso_d == MAX_ANISO_D`` (reference §4.4: ``tz = 1`` whenever ``2**aniso_d > stride``)."""
+        ``aniso_d == MAX_ANISO_D`` (as the authors: ``tz = 1`` whenever ``2**aniso_d > stride``)."""
         depth = 1 if is_2d or aniso_d >= MAX_ANISO_D else self.tokens_depth * token_depth(self.stride, aniso_d)
         return depth, self.inplane, self.inplane
 
@@ -44,7 +49,8 @@ MIM_CROP = CropGrid(5, 10)
 
 @dataclass(frozen=True)
 class ScaleAugmentation:
-    """§4.4: in-plane scale with p 0.5 in [0.75, min(short side / crop, 2)]; depth scale with p 0.3 in
+    """The authors' scale augmentation: in-plane scale with p 0.5 between 0.75 and min(short side / crop, 2) (below 0.75 for images smaller than
+    0.75 crops, as the authors' numpy draw); depth scale with p 0.3 in
     [0.8, 1.25] only for quasi-isotropic images (depth spacing <= 1.5 x in-plane)."""
 
     scale_x: tuple[float, float] = (0.75, 2.0)
@@ -100,7 +106,9 @@ class BucketBatchSampler:
         n, s = self.block_size, self.scale
         index = rng.choice(len(self.probabilities), size=n, p=self.probabilities)
         short_side = self.shapes[index, 1:].min(axis=1) / self.grid.inplane
-        upper = np.maximum(np.minimum(short_side, s.scale_x[1]), s.scale_x[0])
+        # the authors draw U(0.75, min(short / crop, 2)) with numpy's uniform, which for an image smaller than
+        # 0.75 crops accepts low > high and returns values in (high, low]: small images are zoomed in below 0.75
+        upper = np.minimum(short_side, s.scale_x[1])
         scale_x = np.where(rng.random(n) < s.scale_x_p, s.scale_x[0] + (upper - s.scale_x[0]) * rng.random(n), 1.0)
         quasi = quasi_isotropic(self.spacings[index], s.isotropic_th) & ~self.is_2d[index]
         scale_z = np.where(quasi & (rng.random(n) < s.scale_z_p), rng.uniform(*s.scale_z, size=n), 1.0)

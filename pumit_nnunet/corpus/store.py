@@ -4,7 +4,9 @@ Layout of a store folder::
 
     store.json                      format marker and version
     catalog.json                    the user's own datasets (``corpus add``), same schema as the built-in catalog
-    data/<dataset>/<name>.b2nd      (C, D, H, W) uint8/uint16, value = q / levels in [0, 1]
+    data/<dataset>/<name>.<tag>.b2nd  (C, D, H, W) uint8/uint16, value = q / levels in [0, 1]; ``tag`` is the
+                                    source's fingerprint, so a changed source gets new files and the manifest
+                                    switches to them in one atomic replace (version 1 stores: no tag)
     manifest/segments/*.parquet     records appended by conversion runs (one writer per part, never shared)
     manifest.parquet                the consolidated manifest (latest record per key, with the split)
 
@@ -20,19 +22,31 @@ import os
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
-from pumit_nnunet.io import write_text_atomic
+from pumit_nnunet.errors import DataError
+from pumit_nnunet.io import atomic_path, write_text_atomic
+
+if TYPE_CHECKING:  # imported where used: both are slow to import
+    import blosc2
+    import pandas as pd
 
 STORE_FORMAT = "pumit-corpus"
-STORE_VERSION = 1
+#: 2: per-record ``file`` (fingerprint-tagged names), source fingerprints, data checksums. Version 1 stores are
+#: read as they are (missing columns get defaults; their files are ``data/<key>.b2nd``).
+STORE_VERSION = 2
 MANIFEST = "manifest.parquet"
 SEGMENTS = Path("manifest") / "segments"
-#: chunk and block edge lengths (depth, in-plane) and codec chosen by measurement for 80-160 voxel crops
-#: (benchmarks/bench_corpus_store.py; zstd compresses ~15% better but decodes crops 2-3x slower than lz4hc)
-CHUNK = (16, 128)
+#: chunk and block edge lengths (depth, in-plane), codec and filter chosen by measurement for 80-160 voxel
+#: crops with the files evicted from the page cache (benchmarks/bench_corpus_store.py, median of 5 on the
+#: shared 2-core machine, vs a float16 .npy memmap): 256-voxel in-plane chunks halve the reads per crop
+#: (cold 0.72x -> 0.93x with BITSHUFFLE), and byte SHUFFLE decodes faster than BITSHUFFLE (warm 0.61x -> 0.81x)
+#: at 0.48x instead of 0.45x of the memmap's disk; ZSTD level 1 and DELTA decode 1.5-2x slower than LZ4HC,
+#: 32-deep chunks and 64-voxel blocks read more than a crop needs. Every file records its own layout, so
+#: stores written with another one (before: 16/128 chunks, BITSHUFFLE) are read as they are.
+CHUNK = (16, 256)
 BLOCK = (16, 32)
 CLEVEL = 5
 
@@ -67,6 +81,11 @@ class CorpusRecord:
     weight: float = 1.0
     multiplier: float = 1.0
     split: str = ""
+    file: str = ""  # store-relative path of the array ("" in version 1 stores: data/<key>.b2nd)
+    fingerprint: str = ""  # size, mtime and head/tail hash of the source files (skip test of re-runs)
+    attempt_ns: int = 0  # when this item was converted; the latest attempt of an item supersedes older ones
+    nonfinite_fraction: float = 0.0  # share of NaN/Inf voxels replaced by the finite minimum
+    data_sha1: str = ""  # checksum of the stored array (LZ4 has no checksum of its own; validate compares it)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -81,13 +100,20 @@ RECORD_FIELDS = tuple(f.name for f in fields(CorpusRecord))
 
 
 def is_store(path: str | os.PathLike) -> bool:
+    """A folder with our ``store.json``; a store written by a newer release is refused with a message."""
     marker = Path(path) / "store.json"
     if not marker.is_file():
         return False
     try:
-        return json.loads(marker.read_text(encoding="utf-8")).get("format") == STORE_FORMAT
+        info = json.loads(marker.read_text(encoding="utf-8"))
     except ValueError:
         return False
+    if info.get("format") != STORE_FORMAT:
+        return False
+    if int(info.get("version", 1)) > STORE_VERSION:
+        raise DataError(f"corpus store version {info.get('version')} is newer than this release reads "
+                        f"({STORE_VERSION}); upgrade pumit-nnunet", marker)
+    return True
 
 
 def init_store(path: str | os.PathLike) -> Path:
@@ -101,8 +127,19 @@ def init_store(path: str | os.PathLike) -> Path:
     return path
 
 
-def array_path(store: Path, key: str) -> Path:
-    return store / "data" / f"{key}.b2nd"
+def array_path(store: Path, key: str, tag: str = "") -> Path:
+    """Where the array of ``key`` lives: ``data/<key>.<tag>.b2nd`` (version 1 stores: no tag)."""
+    return store / "data" / (f"{key}.{tag}.b2nd" if tag else f"{key}.b2nd")
+
+
+def member_path(store: str | os.PathLike, row: Any) -> Path:
+    """The array file of a manifest row (record, namedtuple or pandas row)."""
+    file = getattr(row, "file", "") or ""
+    return Path(store) / file if isinstance(file, str) and file else array_path(Path(store), row.key)
+
+
+def data_checksum(data: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(data).tobytes()).hexdigest()
 
 
 def chunk_shape(shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -114,21 +151,16 @@ def chunk_shape(shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...
 
 
 def write_array(path: Path, data: np.ndarray) -> None:
-    """Store ``data`` (C, D, H, W) as a blosc2 NDArray (lz4hc + bit shuffle), atomically."""
+    """Store ``data`` (C, D, H, W) as a blosc2 NDArray (lz4hc + byte shuffle), atomically."""
     import blosc2
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     chunks, blocks = chunk_shape(data.shape)
-    cparams = {"codec": blosc2.Codec.LZ4HC, "clevel": CLEVEL, "filters": [blosc2.Filter.BITSHUFFLE], "nthreads": 1}
-    try:
+    cparams = {"codec": blosc2.Codec.LZ4HC, "clevel": CLEVEL, "filters": [blosc2.Filter.SHUFFLE], "nthreads": 1}
+    with atomic_path(path, suffix=".b2nd") as tmp:
         blosc2.asarray(np.ascontiguousarray(data), urlpath=str(tmp), mode="w", chunks=chunks, blocks=blocks, cparams=cparams)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
-def open_array(path: Path):
+def open_array(path: Path) -> blosc2.NDArray:
     """Open a stored image lazily (slicing reads only the touched chunks)."""
     import blosc2
 
@@ -137,12 +169,15 @@ def open_array(path: Path):
     return blosc2.open(str(path), mode="r")
 
 
-def read_box(array, start: Iterable[int], size: Iterable[int]) -> np.ndarray:
-    """Read the spatial box ``start:start+size`` of a (C, D, H, W) array; outside the image reads as 0."""
+def read_box(array: blosc2.NDArray | np.ndarray, start: Iterable[int], size: Iterable[int],
+             slab: tuple[int, int] | None = None) -> np.ndarray:
+    """Read the spatial box ``start:start+size`` of a (C, D, H, W) array; outside the image (and outside the
+    depth ``slab`` [first, last) when given) reads as 0."""
     start, size = list(start), list(size)
-    shape = array.shape[1:]
-    lo = [max(s, 0) for s in start]
-    hi = [min(s + n, dim) for s, n, dim in zip(start, size, shape)]
+    first, last = slab if slab is not None else (0, array.shape[1])
+    bounds = [(first, last), (0, array.shape[2]), (0, array.shape[3])]
+    lo = [max(s, b[0]) for s, b in zip(start, bounds)]
+    hi = [min(s + n, b[1]) for s, n, b in zip(start, size, bounds)]
     out = np.zeros((array.shape[0], *size), dtype=array.dtype)
     if all(h > l for l, h in zip(lo, hi)):
         dst = tuple(slice(l - s, h - s) for l, h, s in zip(lo, hi, start))
@@ -164,14 +199,11 @@ def write_segment(store: Path, name: str, records: list[CorpusRecord]) -> None:
     if not records:
         return
     table = pa.Table.from_pylist([asdict(r) for r in records])
-    path = store / SEGMENTS / f"{name}.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(store / SEGMENTS / f"{name}.parquet") as tmp:
+        pq.write_table(table, tmp)
 
 
-def read_segments(store: Path):
+def read_segments(store: Path) -> pd.DataFrame:
     """All segment rows in write order (a pandas DataFrame with the record columns)."""
     import pandas as pd
 
@@ -179,14 +211,23 @@ def read_segments(store: Path):
     frames = [pd.read_parquet(p) for p in paths]
     if not frames:
         return pd.DataFrame(columns=list(RECORD_FIELDS))
-    return pd.concat(frames, ignore_index=True)
+    return with_defaults(pd.concat(frames, ignore_index=True))
+
+
+def with_defaults(frame: pd.DataFrame) -> pd.DataFrame:
+    """Add the columns a version 1 store lacks, with their record defaults."""
+    defaults = CorpusRecord(key="", dataset="", source="")
+    for name in RECORD_FIELDS:
+        if name not in frame.columns:
+            frame[name] = getattr(defaults, name)
+    return frame
 
 
 def holdout_rank(key: str) -> str:
     return hashlib.sha1(key.encode("utf-8")).hexdigest()
 
 
-def assign_split(frame):
+def assign_split(frame: pd.DataFrame) -> pd.DataFrame:
     """One held-out image per (dataset, modality) with at least two images: the smallest key hash."""
     frame = frame.copy()
     ok = frame["status"] == "ok"
@@ -198,19 +239,33 @@ def assign_split(frame):
     return frame
 
 
-def consolidate_manifest(store: Path):
-    """Merge the segments (latest record per key wins; a source's failure is dropped once it converts)."""
-    frame = read_segments(store).drop_duplicates("key", keep="last")
-    converted = set(frame.loc[frame["status"] == "ok", "item"])
-    frame = frame[(frame["status"] == "ok") | ~frame["item"].isin(converted)]
-    frame = assign_split(frame.sort_values("key").reset_index(drop=True))
-    tmp = store / f".{MANIFEST}.tmp"
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, store / MANIFEST)
+def latest_records(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per item, the records of its latest conversion. A failure that read the source (it has a fingerprint:
+    the source changed and is now broken) supersedes older images, so no stale image outlives its source; a
+    failure that could not read it (permission denied, vanished) leaves the converted images in place."""
+    ok = frame["status"] == "ok"
+    last_ok = frame[ok].groupby("item")["attempt_ns"].max()
+    read_failures = frame[~ok & (frame["fingerprint"] != "")].groupby("item")["attempt_ns"].max()
+    stale = read_failures[read_failures > last_ok.reindex(read_failures.index, fill_value=-1)].index
+    keep_ok = ok & (frame["attempt_ns"] == frame["item"].map(last_ok)) & ~frame["item"].isin(stale)
+    keep_failed = ~ok & ~frame["item"].isin(set(frame.loc[keep_ok, "item"]))
+    return frame[keep_ok | keep_failed].drop_duplicates("key", keep="last")
+
+
+def consolidate_manifest(store: Path) -> pd.DataFrame:
+    """Merge the segments into the manifest (one atomic replace), then delete the files it no longer names."""
+    everything = read_segments(store)
+    frame = assign_split(latest_records(everything).sort_values("key").reset_index(drop=True))
+    with atomic_path(store / MANIFEST) as tmp:
+        frame.to_parquet(tmp, index=False)
+    kept = {str(member_path(store, row)) for row in frame[frame["status"] == "ok"].itertuples(index=False)}
+    for row in everything[everything["status"] == "ok"].itertuples(index=False):
+        if str(member_path(store, row)) not in kept:
+            member_path(store, row).unlink(missing_ok=True)
     return frame
 
 
-def read_manifest(store: str | os.PathLike):
+def read_manifest(store: str | os.PathLike) -> pd.DataFrame:
     """The consolidated manifest of a store (consolidating first when only segments exist)."""
     store = Path(store)
     if not is_store(store):
@@ -220,4 +275,4 @@ def read_manifest(store: str | os.PathLike):
     path = store / MANIFEST
     if not path.is_file():
         return consolidate_manifest(store)
-    return pd.read_parquet(path)
+    return with_defaults(pd.read_parquet(path))

@@ -15,7 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from pumit_nnunet.evaluation.files import check_same_geometry, list_images, read_header, read_image
+import numpy as np
+
+from pumit_nnunet.errors import DataError, UsageError
+from pumit_nnunet.evaluation.files import check_same_geometry, list_images, read_header, read_label_map
 
 from pumit_nnunet.io import atomic_path
 from pumit_nnunet.evaluation.nnunet_raw import (
@@ -99,15 +102,15 @@ def find_btcv_source(root: Path | str) -> BtcvSource:
         images, labels = _by_case_id(root / "img", "img"), _by_case_id(root / "label", "label")
         tests = {case: path for case, path in images.items() if case not in labels}
         return _checked_source({c: images[c] for c in labels if c in images}, labels, tests, root)
-    raise FileNotFoundError(f"no BTCV layout under {root}: expected RawData/Training/img, Training/img or img/+label/")
+    raise DataError("no BTCV layout: expected RawData/Training/img, Training/img or img/+label/", root)
 
 
 def _checked_source(images: dict, labels: dict, tests: dict, where: Path) -> BtcvSource:
     missing = sorted(set(labels) ^ set(images))
     if missing:
-        raise FileNotFoundError(f"{where}: cases with an image but no label or vice versa: {', '.join(missing)}")
+        raise DataError(f"cases with an image but no label or vice versa: {', '.join(missing)}", where)
     if not images:
-        raise FileNotFoundError(f"{where}: no imgXXXX/labelXXXX training files found")
+        raise DataError("no imgXXXX/labelXXXX training files found", where)
     return BtcvSource(images, labels, tests)
 
 
@@ -162,12 +165,15 @@ def convert_btcv(
 
     source, dataset_dir = find_btcv_source(source_root), Path(dataset_dir)
     if split is not None and split not in SPLIT_PROTOCOLS:
-        raise ValueError(f"unknown split protocol {split!r}: choose from {', '.join(SPLIT_PROTOCOLS)}")
+        raise UsageError(f"unknown split protocol {split!r}: choose from {', '.join(SPLIT_PROTOCOLS)}")
     jobs = [(p, dataset_dir / "imagesTr" / f"{case_name(c)}_0000.nii.gz") for c, p in source.train_images.items()]
     jobs += [(p, dataset_dir / "labelsTr" / f"{case_name(c)}.nii.gz") for c, p in source.train_labels.items()]
     jobs += [(p, dataset_dir / "imagesTs" / f"{case_name(c)}_0000.nii.gz") for c, p in source.test_images.items()]
-    for src, dst in tqdm(jobs, desc="BTCV files", unit="file"):
+    for src, _ in jobs:
         _check_nifti_gz(src)
+    for case_id, label_path in source.train_labels.items():  # headers only: a mis-paired label is caught here
+        check_same_geometry(read_header(label_path), read_header(source.train_images[case_id]), str(label_path))
+    for src, dst in tqdm(jobs, desc="BTCV files", unit="file"):
         place_file(src, dst, mode)
     train_cases = sorted(case_name(c) for c in source.train_images)
     write_dataset_json(
@@ -181,7 +187,7 @@ def convert_btcv(
         write_splits(dataset_dir / "splits" / f"{protocol}.json", folds)
     if split is not None:
         if split not in splits:
-            raise ValueError(f"split {split!r} needs cases missing from {source_root}; use --split none")
+            raise UsageError(f"split {split!r} needs cases missing from this source; use --split none", source_root)
         write_splits(dataset_dir / "splits_final.json", splits[split])
     test_cases = sorted(case_name(c) for c in source.test_images)
     return BtcvConversion(dataset_dir, train_cases, test_cases, list(splits), split)
@@ -189,7 +195,7 @@ def convert_btcv(
 
 def _check_nifti_gz(path: Path) -> None:
     if not path.name.endswith(".nii.gz"):
-        raise ValueError(f"{path}: BTCV files are expected as .nii.gz (nnU-Net needs one file ending per dataset)")
+        raise DataError("BTCV files are expected as .nii.gz (nnU-Net needs one file ending per dataset)", path)
 
 
 # --- leaderboard export --------------------------------------------------------------------------------------------
@@ -211,26 +217,36 @@ def export_btcv(
     test image's voxel grid and hold only labels 0-13; it is written as an 8-bit NIfTI.
     """
     import SimpleITK as sitk
-    import numpy as np
 
     pred_dir, dataset_dir = Path(pred_dir), Path(dataset_dir)
     test_images = _test_images(dataset_dir)
+    _check_name_pattern(name_pattern, list(test_images))
     missing = [c for c in test_images if not (pred_dir / f"{case_name(c)}.nii.gz").is_file()]
     if missing:
-        raise FileNotFoundError(f"{pred_dir}: no prediction for test cases {', '.join(case_name(c) for c in missing)}")
+        raise DataError(f"no prediction for test cases {', '.join(case_name(c) for c in missing)}", pred_dir)
     names = []
     with atomic_path(out_zip) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
         for case_id, image_path in test_images.items():
             pred_path = pred_dir / f"{case_name(case_id)}.nii.gz"
-            prediction = read_image(pred_path)
+            prediction, labels = read_label_map(pred_path)  # 0.75 is refused, not truncated to 0 by the cast
             check_same_geometry(prediction, read_header(image_path), str(pred_path))
-            values = np.unique(sitk.GetArrayViewFromImage(prediction))
+            values = np.unique(labels)
             if values.min() < 0 or values.max() > max(BTCV_LABELS.values()):
-                raise ValueError(f"{pred_path}: labels {values.tolist()} outside 0-13")
+                raise DataError(f"labels {values.tolist()} outside 0-13", pred_path)
             name = name_pattern.format(case_id=case_id)
             archive.writestr(name, _nifti_bytes(sitk.Cast(prediction, sitk.sitkUInt8)))
             names.append(name)
     return names
+
+
+def _check_name_pattern(pattern: str, case_ids: list[str]) -> None:
+    """``--name-pattern`` must give every test case its own name."""
+    try:
+        names = {pattern.format(case_id=c) for c in case_ids}
+    except (KeyError, IndexError, ValueError) as error:
+        raise UsageError(f"--name-pattern {pattern!r}: {error!r}; use {{case_id}} for the 4-digit id") from None
+    if len(names) != len(case_ids):
+        raise UsageError(f"--name-pattern {pattern!r} gives several cases one name; include {{case_id}}")
 
 
 def _test_images(dataset_dir: Path) -> dict[str, Path]:
@@ -241,7 +257,7 @@ def _test_images(dataset_dir: Path) -> dict[str, Path]:
         if match:
             images[match.group(1)] = path
     if not images:
-        raise FileNotFoundError(f"{folder}: no test images {CASE_PREFIX}_XXXX_0000.nii.gz")
+        raise DataError(f"no test images {CASE_PREFIX}_XXXX_0000.nii.gz", folder)
     return images
 
 

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from pumit_nnunet.errors import DataError
 from pumit_nnunet.evaluation.dicom_series import read_dicom_series
 from pumit_nnunet.evaluation.files import check_same_geometry
 from pumit_nnunet.io import write_image_atomic, write_json_atomic
@@ -44,14 +45,14 @@ def png_to_labels(grey: np.ndarray, where: str = "PNG") -> np.ndarray:
         labels[inside] = label
         known |= inside
     if not known.all():
-        raise ValueError(f"{where}: grey values {sorted(set(np.unique(grey[~known]).tolist()))} are no CHAOS label")
+        raise DataError(f"grey values {sorted(set(np.unique(grey[~known]).tolist()))} are no CHAOS label", where)
     return labels
 
 
 def labels_to_png(labels: np.ndarray, liver_only: bool = False) -> np.ndarray:
     """8-bit grey values of a label slice (Task 5: all organs; Task 3: liver only, 63)."""
     if labels.min() < 0 or labels.max() >= len(LABEL_TO_PNG):
-        raise ValueError(f"labels {np.unique(labels).tolist()} outside 0-4")
+        raise DataError(f"labels {np.unique(labels).tolist()} outside 0-4")
     grey = np.asarray(LABEL_TO_PNG, dtype=np.uint8)[labels]
     return np.where(labels == 1, grey, 0).astype(np.uint8) if liver_only else grey
 
@@ -62,7 +63,7 @@ def read_png_stack(folder: Path) -> tuple[np.ndarray, list[str]]:
 
     files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() == ".png")
     if not files:
-        raise FileNotFoundError(f"no .png files in {folder}")
+        raise DataError("no .png files", folder)
     slices = []
     for path in files:
         with Image.open(path) as image:
@@ -91,7 +92,7 @@ def find_chaos_cases(root: Path | str) -> list[ChaosCase]:
     cases = [case for split, folder in (("train", "Train_Sets"), ("test", "Test_Sets"))
              for case in _cases_in(root / folder / "MR", split)]
     if not cases:
-        raise FileNotFoundError(f"no CHAOS MR cases under {root} (expected Train_Sets/MR/<id>/T1DUAL/...)")
+        raise DataError("no CHAOS MR cases (expected Train_Sets/MR/<id>/T1DUAL/...)", root)
     return cases
 
 
@@ -105,7 +106,7 @@ def _cases_in(mr_dir: Path, split: str) -> Iterator[ChaosCase]:
         for sequence in SEQUENCES:
             ground = patient / sequence / "Ground"
             if split == "train" and not ground.is_dir():
-                raise FileNotFoundError(f"training case without ground truth: {ground}")
+                raise DataError("training case without ground truth (no folder)", ground)
             yield ChaosCase(patient.name, sequence, split, channels[sequence], ground if split == "train" else None)
 
 
@@ -129,7 +130,7 @@ def convert_case(case: ChaosCase, dataset_dir: Path) -> dict[str, Any]:
     if case.ground_dir is not None:
         grey, png_files = read_png_stack(case.ground_dir)
         if grey.shape != first.array.shape:
-            raise ValueError(
+            raise DataError(
                 f"{case.ground_dir}: {len(png_files)} PNGs of {grey.shape[1:]} do not match "
                 f"{len(first.files)} DICOM slices of {first.array.shape[1:]} in {case.channel_dirs[0]}"
             )

@@ -3,7 +3,7 @@
 One 8-bit grey PNG per DICOM slice, named after the slice's DICOM file so that the PNGs sort like the DICOM files
 (the evaluator pairs them by sorted order), with the DICOM pixel array's rows x columns. Task 5 holds all organs
 (63/126/189/252), Task 3 the liver only (63). The layout follows the challenge's submission template as used by
-nnU-Net v1 and PUMIT (reconstructed from code; see ``shared/reference/nnunet-integration.md`` §6.3).
+nnU-Net v1 and PUMIT (reconstructed from their code: nnU-Net v1's CHAOS conversion script and PUMIT's CHAOS export).
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from pumit_nnunet.evaluation.chaos import ORDER_SIDECAR, labels_to_png, png_to_labels, read_png_stack
-from pumit_nnunet.evaluation.files import check_same_geometry, read_header, read_image
+from pumit_nnunet.errors import DataError, UsageError
+from pumit_nnunet.evaluation.chaos import LABEL_TO_PNG, ORDER_SIDECAR, labels_to_png, png_to_labels, read_png_stack
+from pumit_nnunet.evaluation.files import check_same_geometry, read_header, read_label_map
 from pumit_nnunet.io import atomic_path
 
 TASKS: tuple[int, ...] = (3, 5)
@@ -26,7 +27,7 @@ TASKS: tuple[int, ...] = (3, 5)
 def load_order(dataset_dir: Path) -> dict[str, dict[str, Any]]:
     path = Path(dataset_dir) / ORDER_SIDECAR
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: convert the dataset with 'pumit-nnunet convert chaos' first")
+        raise DataError("not found: convert the dataset with 'pumit-nnunet convert chaos' first", path)
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -45,14 +46,13 @@ def png_bytes(grey: np.ndarray) -> bytes:
 
 def prediction_slices(pred_path: Path, reference_image: Path, entry: dict[str, Any]) -> np.ndarray:
     """The predicted label volume (k, rows, cols), checked against the case's grid and DICOM slice list."""
-    import SimpleITK as sitk
-
-    prediction = read_image(pred_path)
+    prediction, labels = read_label_map(pred_path)  # float files must hold exact integers
     check_same_geometry(prediction, read_header(reference_image), str(pred_path))
-    labels = sitk.GetArrayFromImage(prediction)
+    if labels.min() < 0 or labels.max() >= len(LABEL_TO_PNG):
+        raise DataError(f"labels {np.unique(labels).tolist()} outside 0-4", pred_path)
     expected = (len(entry["dicom_files"]), entry["rows"], entry["cols"])
     if labels.shape != expected:
-        raise ValueError(f"{pred_path}: shape {labels.shape} is not (slices, rows, cols) = {expected}")
+        raise DataError(f"shape {labels.shape} is not (slices, rows, cols) = {expected}", pred_path)
     return labels
 
 
@@ -68,12 +68,12 @@ def export_chaos(
     order = load_order(dataset_dir)
     cases = {name: e for name, e in order.items() if split == "all" or e["split"] == split}
     if not cases:
-        raise ValueError(f"{dataset_dir / ORDER_SIDECAR}: no {split} cases")
+        raise DataError(f"no {split} cases", dataset_dir / ORDER_SIDECAR)
     if unknown := sorted(set(tasks) - set(TASKS)):
-        raise ValueError(f"unknown CHAOS tasks {unknown}: MR tasks are 3 and 5")
+        raise UsageError(f"unknown CHAOS tasks {unknown}: MR tasks are 3 and 5")
     missing = sorted(name for name in cases if not (pred_dir / f"{name}.nii.gz").is_file())
     if missing:
-        raise FileNotFoundError(f"{pred_dir}: no prediction for {', '.join(missing)}")
+        raise DataError(f"no prediction for {', '.join(missing)}", pred_dir)
     with atomic_path(out_zip) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
         for name, entry in sorted(cases.items()):
             images = "imagesTr" if entry["split"] == "train" else "imagesTs"

@@ -26,8 +26,11 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "evaluate",
         help="Dice, ASSD, HD, HD95, RAVD and NSD per class: a prediction folder against a label folder",
-        description="Evaluate every prediction in PRED_DIR against the same-named label in LABEL_DIR (any format "
-        "SimpleITK reads). Writes metrics.json and metrics.csv into --out and prints a per-class summary.",
+        description="Evaluate every label in LABEL_DIR against the same-named prediction in PRED_DIR (any format "
+        "SimpleITK reads; integer labels, float files only when they hold exact integers). Writes metrics.json "
+        "(strict JSON: a non-finite value is null with <metric>_status \"inf\" or \"nan\") and metrics.csv "
+        "(inf/nan as words) into --out and prints a per-class summary; labels found in the images but not "
+        "evaluated are reported.",
     )
     parser.add_argument("pred_dir", type=Path, metavar="PRED_DIR")
     parser.add_argument("label_dir", type=Path, metavar="LABEL_DIR")
@@ -39,6 +42,11 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
         help="NSD tolerance in mm: one value for all classes and/or LABEL=MM per class (default 1.0)",
     )
     parser.add_argument("--out", type=Path, help="output folder (default: PRED_DIR)")
+    parser.add_argument(
+        "--missing-as-empty", action="store_true",
+        help="score labelled cases without a prediction as empty predictions (listed in the output); "
+        "default: a missing prediction is an error",
+    )
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--chaos-score", action="store_true", help="add the CHAOS challenge score per class")
     parser.add_argument(
@@ -50,46 +58,56 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
 
 def parse_tolerances(items: list[str], labels: tuple[int, ...]) -> dict[int, float]:
     """``["1.0", "3=2.5"]`` -> ``{label: mm}`` for every label."""
+    from pumit_nnunet.errors import UsageError
+
     default, per_label = 1.0, {}
     for item in items:
-        if "=" in item:
-            label, value = item.split("=", 1)
-            per_label[int(label)] = float(value)
-        else:
-            default = float(item)
+        try:
+            if "=" in item:
+                label, value = item.split("=", 1)
+                per_label[int(label)] = float(value)
+            else:
+                default = float(item)
+        except ValueError:
+            raise UsageError(f"--nsd-tolerance {item!r}: expected MM or LABEL=MM") from None
     unknown = sorted(set(per_label) - set(labels))
     if unknown:
-        raise ValueError(f"--nsd-tolerance names labels {unknown} that are not evaluated")
+        raise UsageError(f"--nsd-tolerance names labels {unknown} that are not evaluated")
     return {label: per_label.get(label, default) for label in labels}
 
 
-def _run_evaluate(args: argparse.Namespace) -> int:
-    from pumit_nnunet.evaluation.evaluate import (
-        EvaluationConfig,
-        evaluate_folders,
-        format_summary_table,
-        labels_from_dataset_json,
-        write_results,
-    )
+def _evaluation_config(args: argparse.Namespace):
+    from pumit_nnunet.evaluation.evaluate import EvaluationConfig, ignore_label_of, labels_from_dataset_json
 
     if args.dataset_json is not None:
         labels, names = labels_from_dataset_json(args.dataset_json)
+        known = ignore_label_of(args.dataset_json)
     else:
-        labels, names = tuple(sorted(set(args.labels))), {}
-    config = EvaluationConfig(
-        labels, names, parse_tolerances(args.nsd_tolerance, labels), args.image_border_is_surface, args.chaos_score
-    )
-    result = evaluate_folders(args.pred_dir, args.label_dir, config, workers=args.workers)
+        labels, names, known = tuple(sorted(set(args.labels))), {}, ()
+    tolerances = parse_tolerances(args.nsd_tolerance, labels)
+    return EvaluationConfig(labels, names, tolerances, args.image_border_is_surface, args.chaos_score, known)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    import sys
+
+    from pumit_nnunet.evaluation.evaluate import evaluate_folders, findings, format_summary_table, write_results
+
+    config = _evaluation_config(args)
+    result = evaluate_folders(args.pred_dir, args.label_dir, config, workers=args.workers,
+                              missing_as_empty=args.missing_as_empty)
     json_path, csv_path = write_results(result, args.out or args.pred_dir)
     print(format_summary_table(result))
     print(f"{len(result.cases)} cases; wrote {json_path} and {csv_path}")
+    for line in findings(result):
+        print(f"pumit-nnunet evaluate: warning: {line}", file=sys.stderr)
     return 0
 
 
 def _add_benchmark_group(subparsers: argparse._SubParsersAction, name: str, help: str) -> argparse._SubParsersAction:
     """A top-level command whose nested sub-commands are the benchmarks (``btcv``, ``chaos``)."""
     parser = subparsers.add_parser(name, help=help, description=help)
-    return parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
+    return parser.add_subparsers(dest=f"{name}_command", metavar="BENCHMARK", required=True)
 
 
 # --- convert -------------------------------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from pumit_nnunet.errors import DataError
+
 
 @dataclass(frozen=True)
 class DicomSeries:
@@ -37,10 +39,10 @@ class DicomSeries:
 def sorted_dicom_files(folder: Path) -> list[Path]:
     """``*.dcm`` files of a folder in file-name order (the CHAOS convention)."""
     if not folder.is_dir():
-        raise FileNotFoundError(f"DICOM folder not found: {folder}")
+        raise DataError("DICOM folder does not exist", folder)
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".dcm" and p.is_file())
     if not files:
-        raise FileNotFoundError(f"no .dcm files in {folder}")
+        raise DataError("no .dcm files", folder)
     return files
 
 
@@ -52,7 +54,7 @@ def _read_slice(path: Path) -> tuple[np.ndarray, Any]:
         dataset = pydicom.dcmread(path)
         pixels = dataset.pixel_array
     except Exception as error:  # pydicom raises many kinds; the file name is what the user needs
-        raise ValueError(f"cannot read DICOM slice {path}: {error}") from error
+        raise DataError(f"cannot read DICOM slice: {error}", path) from error
     slope, intercept = float(getattr(dataset, "RescaleSlope", 1)), float(getattr(dataset, "RescaleIntercept", 0))
     if slope != 1 or intercept != 0:
         pixels = apply_modality_lut(pixels, dataset).astype(np.float32)
@@ -72,7 +74,7 @@ def slice_geometry(first: Any, last: Any, n_slices: int) -> tuple[tuple, tuple, 
     else:
         z_spacing, z_sign = float(getattr(first, "SliceThickness", 1.0) or 1.0), 1.0
     if z_spacing <= 0:
-        raise ValueError("DICOM slices share one position: cannot derive the slice spacing")
+        raise DataError("DICOM slices share one position: cannot derive the slice spacing", getattr(first, "filename", None))
     direction = np.stack([row_dir, col_dir, z_sign * normal], axis=1)  # columns = axis directions
     return tuple(origin), (col_spacing, row_spacing, z_spacing), tuple(direction.ravel())
 
@@ -85,7 +87,7 @@ def read_dicom_series(folder: Path, files: Sequence[Path] | None = None) -> Dico
     slices, headers = zip(*(_read_slice(f) for f in files))
     shapes = {s.shape for s in slices}
     if len(shapes) != 1:
-        raise ValueError(f"{folder}: slices differ in size {sorted(shapes)}")
+        raise DataError(f"slices differ in size {sorted(shapes)}", folder)
     array = np.stack(slices)
     origin, spacing, direction = slice_geometry(headers[0], headers[-1], len(files))
     image = sitk.GetImageFromArray(array)

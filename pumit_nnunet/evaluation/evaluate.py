@@ -1,9 +1,21 @@
 """Evaluate a folder of predicted label maps against a folder of reference label maps.
 
-Cases are matched by file name (``case.nii.gz`` in both folders, as ``nnUNetv2_predict`` writes them). Every
-prediction must have a reference and share its voxel grid. Results go to ``metrics.json`` (per case, per class,
-mean/std per class and the foreground mean, laid out like nnU-Net's ``summary.json``), ``metrics.csv`` (one row per
-case and class) and a printed summary table; files are written atomically.
+Cases are matched by file name (``case.nii.gz`` in both folders, as ``nnUNetv2_predict`` writes them). No case is
+dropped or misread silently:
+
+* every prediction needs a reference, and every reference a prediction: a missing prediction is an error naming
+  the cases, or, with ``missing_as_empty``, scored as an empty prediction and listed in ``missing_predictions``
+  (a run that fails on its hard cases must not score higher);
+* label maps must hold integer labels (float files holding exact integers are accepted, 0.75 is refused with the
+  file named) and share the reference's voxel grid;
+* labels found in the images but not evaluated (absent from ``dataset.json`` or ``--labels``) are reported in
+  ``labels_not_evaluated`` with the cases that hold them.
+
+Results go to ``metrics.json`` (per case, per class, mean/std per class and the foreground mean, laid out like
+nnU-Net's ``summary.json``), ``metrics.csv`` (one row per case and class) and a printed summary table; files are
+written atomically. ``metrics.json`` is strict JSON: a non-finite value is ``null`` with a ``<metric>_status`` of
+``"inf"`` or ``"nan"`` beside it (:func:`pumit_nnunet.io.nonfinite_to_null`; read it back with
+:func:`read_metrics_json`); the CSV writes ``inf`` and ``nan``.
 """
 
 from __future__ import annotations
@@ -20,20 +32,30 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from pumit_nnunet.evaluation.files import Geometry, check_same_geometry, list_images, read_image
-from pumit_nnunet.io import write_json_atomic, write_text_atomic
+from pumit_nnunet.errors import DataError
+from pumit_nnunet.evaluation.files import Geometry, check_same_geometry, list_images, read_label_map
+from pumit_nnunet.io import nonfinite_to_null, null_to_nonfinite, write_json_atomic, write_text_atomic
 from pumit_nnunet.evaluation.metrics import METRIC_NAMES, case_metrics, chaos_score
+
+#: how metrics.json writes non-finite values (also recorded in the file itself)
+NONFINITE_CONVENTION = ('a non-finite value is written as null with "<metric>_status": "inf" (a structure missed '
+                        'or hallucinated) or "nan" (undefined: the class is absent from both masks)')
 
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    """What to evaluate: the foreground labels, their names, NSD tolerances (mm) and surface conventions."""
+    """What to evaluate: the foreground labels, their names, NSD tolerances (mm) and surface conventions.
+
+    ``known_labels`` are values the images may hold without being evaluated (the ignore label of a dataset.json);
+    any other unevaluated value found in an image is reported.
+    """
 
     labels: tuple[int, ...]
     label_names: Mapping[int, str] = field(default_factory=dict)
     nsd_tolerance_mm: Mapping[int, float] = field(default_factory=dict)
     image_border_is_surface: bool = False
     with_chaos_score: bool = False
+    known_labels: tuple[int, ...] = ()
 
     def tolerance(self, label: int) -> float:
         return float(self.nsd_tolerance_mm.get(label, 1.0))
@@ -45,42 +67,74 @@ class EvaluationConfig:
     def metric_names(self) -> tuple[str, ...]:
         return METRIC_NAMES + (("chaos_score",) if self.with_chaos_score else ())
 
+    @property
+    def expected_values(self) -> frozenset[int]:
+        return frozenset((0, *self.labels, *self.known_labels))
+
 
 @dataclass
 class EvaluationResult:
-    """Per-case metrics (``cases[i]["metrics"][label][metric]``) and their per-class summary."""
+    """Per-case metrics (``cases[i]["metrics"][label][metric]``), their per-class summary and what was noticed."""
 
     config: EvaluationConfig
     cases: list[dict[str, Any]]
     mean: dict[int, dict[str, float]]
     std: dict[int, dict[str, float]]
     foreground_mean: dict[str, float]
+    missing_predictions: list[str] = field(default_factory=list)
+    labels_not_evaluated: dict[int, list[str]] = field(default_factory=dict)
+
+
+def _dataset_json_labels(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise DataError("is a folder, expected a dataset.json" if path.is_dir() else "does not exist", path)
+    try:
+        labels = json.loads(path.read_text(encoding="utf-8")).get("labels")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
+        raise DataError(f"not a dataset.json ({type(error).__name__}: {error})", path) from error
+    if not isinstance(labels, dict):
+        raise DataError("no 'labels' mapping", path)
+    return labels
 
 
 def labels_from_dataset_json(path: Path | str) -> tuple[tuple[int, ...], dict[int, str]]:
     """Foreground labels and their names from an nnU-Net v2 ``dataset.json`` (region-based labels unsupported)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"dataset.json not found: {path}")
-    labels = json.loads(path.read_text(encoding="utf-8")).get("labels")
-    if not isinstance(labels, dict):
-        raise ValueError(f"{path}: no 'labels' mapping")
     names = {}
-    for name, value in labels.items():
-        if not isinstance(value, int):
-            raise ValueError(f"{path}: label {name!r} is region-based ({value}); give --labels explicitly")
+    for name, value in _dataset_json_labels(path).items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise DataError(f"label {name!r} is region-based or not an integer ({value}); give --labels explicitly",
+                            path)
         if value != 0 and name != "ignore":
             names[value] = name
     return tuple(sorted(names)), names
 
 
-def evaluate_case(pred_path: Path, ref_path: Path, config: EvaluationConfig) -> dict[int, dict[str, float]]:
-    """Metrics of one case after checking that prediction and reference share the voxel grid."""
-    import SimpleITK as sitk
+def ignore_label_of(path: Path | str) -> tuple[int, ...]:
+    """The ``ignore`` label of a dataset.json, if any (present in references, never evaluated)."""
+    value = _dataset_json_labels(Path(path)).get("ignore")
+    return (value,) if isinstance(value, int) else ()
 
-    pred_image, ref_image = read_image(pred_path), read_image(ref_path)
-    check_same_geometry(pred_image, ref_image, str(pred_path))
-    pred, ref = sitk.GetArrayViewFromImage(pred_image), sitk.GetArrayViewFromImage(ref_image)
+
+@dataclass(frozen=True)
+class CaseFiles:
+    """One case to evaluate: its reference and its prediction (None: missing, scored as empty)."""
+
+    case: str
+    prediction: Path | None
+    reference: Path
+
+
+def evaluate_case(
+    pred_path: Path | None, ref_path: Path, config: EvaluationConfig
+) -> tuple[dict[int, dict[str, float]], list[int]]:
+    """Metrics of one case and the label values found in either image (``pred_path`` None: an empty prediction)."""
+    ref_image, ref = read_label_map(ref_path)
+    if pred_path is None:
+        pred = np.zeros(ref.shape, dtype=ref.dtype)
+    else:
+        pred_image, pred = read_label_map(pred_path)
+        check_same_geometry(pred_image, ref_image, str(pred_path))
     tolerances = {label: config.tolerance(label) for label in config.labels}
     spacing = Geometry.of(ref_image).numpy_spacing
     per_class = case_metrics(pred, ref, config.labels, spacing, tolerances, config.image_border_is_surface)
@@ -90,40 +144,78 @@ def evaluate_case(pred_path: Path, ref_path: Path, config: EvaluationConfig) -> 
         if config.with_chaos_score:
             values["chaos_score"] = chaos_score(metrics.dice, metrics.ravd, metrics.assd, metrics.hd)
         results[label] = values
-    return results
+    found = sorted(int(v) for v in np.union1d(np.unique(pred), np.unique(ref)))
+    return results, found
 
 
-def match_cases(pred_dir: Path, label_dir: Path) -> list[tuple[str, Path, Path]]:
-    """(case, prediction, reference) for every prediction; fails naming predictions that lack a reference."""
+def match_cases(
+    pred_dir: Path, label_dir: Path, missing_as_empty: bool = False, cases: Sequence[str] | None = None
+) -> list[CaseFiles]:
+    """Pair predictions and references by name; ``cases`` restricts the evaluation to those cases.
+
+    A prediction without a reference is an error; so is a reference without a prediction, unless
+    ``missing_as_empty`` (then its prediction is None and it is scored as empty).
+    """
     predictions, references = list_images(Path(pred_dir)), list_images(Path(label_dir))
-    if not predictions:
-        raise FileNotFoundError(f"no images found in {pred_dir}")
-    orphans = sorted(set(predictions) - set(references))
-    if orphans:
-        raise FileNotFoundError(f"no reference in {label_dir} for predictions: {', '.join(orphans)}")
-    return [(case, predictions[case], references[case]) for case in sorted(predictions)]
+    if cases is not None:
+        wanted = set(cases)
+        if absent := sorted(wanted - set(references)):
+            raise DataError(f"no reference for cases {_listing(absent)}", label_dir)
+        predictions = {c: p for c, p in predictions.items() if c in wanted}
+        references = {c: p for c, p in references.items() if c in wanted}
+    if not references:
+        raise DataError("no label images (.nii.gz, .nrrd, .mha, ...)", label_dir)
+    if orphans := sorted(set(predictions) - set(references)):
+        raise DataError(f"no reference in {label_dir} for predictions {_listing(orphans)}", pred_dir)
+    missing = sorted(set(references) - set(predictions))
+    if missing and not missing_as_empty:
+        raise DataError(f"no prediction for {len(missing)} of {len(references)} labelled cases: {_listing(missing)} "
+                        "(pass --missing-as-empty to score them as empty predictions)", pred_dir)
+    return [CaseFiles(case, predictions.get(case), references[case]) for case in sorted(references)]
+
+
+def _listing(names: Sequence[str], limit: int = 20) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _run_cases(matched: Sequence[CaseFiles], config: EvaluationConfig, workers: int, progress: bool) -> list:
+    from tqdm import tqdm
+
+    # progress only on a terminal, and erased when done or failed: an error stays the one line on stderr
+    with tqdm(total=len(matched), desc="evaluate", unit="case", disable=None if progress else True, leave=False) as bar:
+        if workers <= 1:
+            outcomes = []
+            for m in matched:
+                outcomes.append(evaluate_case(m.prediction, m.reference, config))
+                bar.update()
+            return outcomes
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(evaluate_case, m.prediction, m.reference, config) for m in matched]
+            for future in futures:
+                future.result()
+                bar.update()
+            return [future.result() for future in futures]
 
 
 def evaluate_folders(
-    pred_dir: Path | str, label_dir: Path | str, config: EvaluationConfig, workers: int = 1, progress: bool = True
+    pred_dir: Path | str, label_dir: Path | str, config: EvaluationConfig, workers: int = 1, progress: bool = True,
+    missing_as_empty: bool = False, cases: Sequence[str] | None = None,
 ) -> EvaluationResult:
-    """Evaluate every prediction in ``pred_dir`` against the same-named file in ``label_dir``."""
-    from tqdm import tqdm
-
-    matched = match_cases(Path(pred_dir), Path(label_dir))
-    jobs = [(pred, ref) for _, pred, ref in matched]
-    bar = dict(total=len(jobs), desc="evaluate", unit="case", disable=not progress)
-    if workers <= 1:
-        per_case = [evaluate_case(pred, ref, config) for pred, ref in tqdm(jobs, **bar)]
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(evaluate_case, pred, ref, config) for pred, ref in jobs]
-            per_case = [future.result() for future in tqdm(futures, **bar)]
-    cases = [
-        {"case": case, "prediction_file": str(pred), "reference_file": str(ref), "metrics": metrics}
-        for (case, pred, ref), metrics in zip(matched, per_case)
-    ]
-    return summarize(cases, config)
+    """Evaluate every reference in ``label_dir`` (or only ``cases``) against the same-named prediction."""
+    matched = match_cases(Path(pred_dir), Path(label_dir), missing_as_empty, cases)
+    outcomes = _run_cases(matched, config, workers, progress)
+    rows, unexpected = [], {}
+    for files, (metrics, found) in zip(matched, outcomes):
+        rows.append({"case": files.case, "prediction_file": None if files.prediction is None else str(files.prediction),
+                     "reference_file": str(files.reference), "prediction_missing": files.prediction is None,
+                     "metrics": metrics})
+        for value in sorted(set(found) - config.expected_values):
+            unexpected.setdefault(value, []).append(files.case)
+    result = summarize(rows, config)
+    result.missing_predictions = [m.case for m in matched if m.prediction is None]
+    result.labels_not_evaluated = unexpected
+    return result
 
 
 def summarize(cases: Sequence[dict[str, Any]], config: EvaluationConfig) -> EvaluationResult:
@@ -147,17 +239,39 @@ def _nan_stat(function: Any, values: np.ndarray) -> float:
 
 
 def result_to_json(result: EvaluationResult) -> dict[str, Any]:
+    """The ``metrics.json`` document (strict JSON: see :data:`NONFINITE_CONVENTION`)."""
     config = result.config
-    return {
+    document = {
         "labels": {str(label): config.name(label) for label in config.labels},
         "nsd_tolerance_mm": {str(label): config.tolerance(label) for label in config.labels},
         "surface": "6-connected erosion; image border "
         + ("is surface (MONAI)" if config.image_border_is_surface else "is not surface (CHAOS evaluator)"),
+        "nonfinite": NONFINITE_CONVENTION,
+        "n_cases": len(result.cases),
+        "missing_predictions": list(result.missing_predictions),
+        "labels_not_evaluated": {str(v): cases for v, cases in sorted(result.labels_not_evaluated.items())},
         "metric_per_case": [{**case, "metrics": _by_label(case["metrics"])} for case in result.cases],
         "mean": _by_label(result.mean),
         "std": _by_label(result.std),
         "foreground_mean": result.foreground_mean,
     }
+    return nonfinite_to_null(document)
+
+
+def read_metrics_json(path: Path | str) -> dict[str, Any]:
+    """A ``metrics.json`` with its non-finite values restored (``null`` + ``"inf"`` status -> ``inf``)."""
+    return null_to_nonfinite(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def findings(result: EvaluationResult) -> list[str]:
+    """Warnings a user must see beside the numbers: cases scored as empty, labels found but not evaluated."""
+    lines = []
+    if result.missing_predictions:
+        lines.append(f"{len(result.missing_predictions)} cases had no prediction and were scored as empty: "
+                     f"{_listing(result.missing_predictions)}")
+    for value, cases in sorted(result.labels_not_evaluated.items()):
+        lines.append(f"label {value} is in {len(cases)} cases but not among the evaluated labels: {_listing(cases)}")
+    return lines
 
 
 def _by_label(table: Mapping[int, Any]) -> dict[str, Any]:
@@ -165,15 +279,17 @@ def _by_label(table: Mapping[int, Any]) -> dict[str, Any]:
 
 
 def result_to_csv(result: EvaluationResult) -> str:
+    """``metrics.csv``: one row per case and class; non-finite values as ``inf``/``nan``."""
     config = result.config
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["case", "label", "label_name", *config.metric_names, "n_pred", "n_ref"])
+    writer.writerow(["case", "label", "label_name", *config.metric_names, "n_pred", "n_ref", "prediction_missing"])
     for case in result.cases:
         for label in config.labels:
             values = case["metrics"][label]
-            row = [values[m] for m in (*config.metric_names, "n_pred", "n_ref")]
-            writer.writerow([case["case"], label, config.name(label), *row])
+            row = [values[m] for m in (*config.metric_names, "n_pred", "n_ref")]  # floats: inf and nan as words
+            missing = "yes" if case.get("prediction_missing") else "no"
+            writer.writerow([case["case"], label, config.name(label), *row, missing])
     return buffer.getvalue()
 
 

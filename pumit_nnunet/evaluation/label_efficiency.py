@@ -25,12 +25,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pumit_nnunet.io import write_json_atomic, write_text_atomic
+from pumit_nnunet.errors import DataError, UsageError
+from pumit_nnunet.io import null_to_nonfinite, write_json_atomic, write_text_atomic
 from pumit_nnunet.evaluation.nnunet_raw import Fold, check_folds, write_splits
 
 __all__ = ["FRACTIONS", "ARMS", "MANIFEST", "subset_size", "nested_subsets", "LabelEfficiencyRun",
            "label_efficiency_folds", "write_label_efficiency_splits", "nnunet_folder", "read_manifest", "RunnerSettings", "RunStep",
-           "plan_steps", "run_steps", "held_out_cases", "link_validation_images", "collect_rows", "report_tables", "plot_label_efficiency", "write_report"]
+           "plan_steps", "run_steps", "cases_of_images", "held_out_cases", "link_validation_images", "collect_rows", "report_tables", "plot_label_efficiency", "write_report"]
 
 FRACTIONS = (0.2, 0.4, 0.6, 0.8, 1.0)
 ARMS = ("scratch", "pretrained")
@@ -42,14 +43,14 @@ REPORT_METRICS = ("dice", "assd", "hd")
 def subset_size(n_cases: int, fraction: float) -> int:
     """``round(fraction * n)`` (halves up), at least one case, at most all."""
     if not 0 < fraction <= 1:
-        raise ValueError(f"fraction {fraction} must lie in (0, 1]")
+        raise UsageError(f"fraction {fraction} must lie in (0, 1]")
     return min(max(math.floor(fraction * n_cases + 0.5), 1), n_cases)
 
 
 def nested_subsets(cases: Sequence[str], fractions: Sequence[float], seed: int = 0) -> dict[float, list[str]]:
     """Seeded nested subsets: one shuffled order of the (sorted) cases, each fraction takes a prefix of it."""
     if not cases:
-        raise ValueError("no training cases to subsample")
+        raise DataError("no training cases to subsample")
     order = [sorted(cases)[i] for i in np.random.default_rng(seed).permutation(len(cases))]
     return {f: sorted(order[: subset_size(len(cases), f)]) for f in fractions}
 
@@ -68,10 +69,10 @@ def label_efficiency_folds(base_folds: Sequence[Fold], base_fold: int, fractions
                            arms: Sequence[str] = ARMS) -> tuple[list[Fold], list[LabelEfficiencyRun]]:
     """The base folds followed by one fold per (arm, fraction), and the runs describing them."""
     if not 0 <= base_fold < len(base_folds):
-        raise ValueError(f"fold {base_fold} does not exist; the splits have {len(base_folds)} folds")
+        raise UsageError(f"fold {base_fold} does not exist; the splits have {len(base_folds)} folds")
     unknown = set(arms) - set(ARMS)
     if unknown or not arms:
-        raise ValueError(f"arms must be among {ARMS}, got {list(arms)}")
+        raise UsageError(f"arms must be among {ARMS}, got {list(arms)}")
     base = base_folds[base_fold]
     subsets = nested_subsets(base["train"], sorted(set(fractions)), seed)
     folds, runs = [dict(f) for f in base_folds], []
@@ -86,19 +87,19 @@ def nnunet_folder(variable: str, dataset: str) -> Path:
     """``$variable/DatasetXXX_Name`` for a dataset given by id (``"4"``, ``"004"``) or full name (read at call time)."""
     root = os.environ.get(variable)
     if not root:
-        raise ValueError(f"{variable} is not set: export the nnU-Net folders first")
+        raise UsageError(f"{variable} is not set: export the nnU-Net folders first")
     if not dataset.isdigit():
         return Path(root) / dataset
     hits = sorted(Path(root).glob(f"Dataset{int(dataset):03d}_*"))
     if len(hits) != 1:
-        raise FileNotFoundError(f"{'no' if not hits else 'several'} Dataset{int(dataset):03d}_* folders in {root}")
+        raise DataError(f"{'no' if not hits else 'several'} Dataset{int(dataset):03d}_* folders", root)
     return hits[0]
 
 
 def read_manifest(preprocessed_dataset_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(preprocessed_dataset_dir) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run 'pumit-nnunet label-efficiency splits' first")
+        raise DataError("not found: run 'pumit-nnunet label-efficiency splits' first", path)
     manifest = json.loads(path.read_text(encoding="utf-8"))
     manifest["runs"] = [LabelEfficiencyRun(**run) for run in manifest["runs"]]
     return manifest
@@ -106,7 +107,7 @@ def read_manifest(preprocessed_dataset_dir: str | os.PathLike) -> dict[str, Any]
 
 def _read_splits(path: Path) -> list[Fold]:
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: give the dataset a splits_final.json (nnUNetv2_train writes the "
+        raise DataError(f"{path} not found: give the dataset a splits_final.json (nnUNetv2_train writes the "
                                 "default 5-fold one on its first run, or copy your own there)")
     return json.loads(path.read_text(encoding="utf-8"))
 
@@ -127,7 +128,7 @@ def write_label_efficiency_splits(preprocessed_dataset_dir: str | os.PathLike, b
     folds, runs = label_efficiency_folds(base_folds, base_fold, fractions, seed, arms)
     check_folds(folds, sorted({c for f in base_folds for c in (*f["train"], *f["val"])}))
     if previous and folds != splits and not overwrite:
-        raise FileExistsError(f"{splits_path} already holds label-efficiency folds made with other settings "
+        raise UsageError(f"{splits_path} already holds label-efficiency folds made with other settings "
                               f"(see {folder / MANIFEST}); pass overwrite to replace them")
     if not (folder / BACKUP).exists():
         write_splits(folder / BACKUP, base_folds)
@@ -177,7 +178,7 @@ def _train_command(s: RunnerSettings, run: LabelEfficiencyRun) -> list[str]:
     cmd = ["nnUNetv2_train", s.dataset, s.configuration, str(run.fold), "-tr", s.trainer, "-p", s.plans, "-device", s.device]
     if run.arm == "pretrained":
         if not s.pretrained_weights:
-            raise ValueError("the pre-trained arm needs pretrained weights (--pretrained-weights)")
+            raise UsageError("the pre-trained arm needs pretrained weights (--pretrained-weights)")
         cmd += ["-pretrained_weights", str(s.pretrained_weights)]
     return cmd
 
@@ -209,7 +210,7 @@ def link_validation_images(raw_dataset_dir: Path, cases: Sequence[str], target: 
     for case in cases:
         files = sorted((raw_dataset_dir / "imagesTr").glob(f"{case}_[0-9][0-9][0-9][0-9]{ending}"))
         if not files:
-            raise FileNotFoundError(f"no images of case {case} in {raw_dataset_dir / 'imagesTr'}")
+            raise DataError(f"no images of case {case}", raw_dataset_dir / "imagesTr")
         for source in files:
             link = target / source.name
             if not link.exists():
@@ -218,15 +219,30 @@ def link_validation_images(raw_dataset_dir: Path, cases: Sequence[str], target: 
 
 
 def _default_runner(cmd: list[str]) -> None:
-    subprocess.run(cmd, check=True)
+    done = subprocess.run(cmd)
+    if done.returncode != 0:  # nnU-Net printed why above; say which step failed, in one line
+        raise DataError(f"{shlex.join(cmd)} exited with status {done.returncode} (see its output above)")
+
+
+def cases_of_images(folder: Path, file_ending: str) -> list[str]:
+    """Case names of an nnU-Net input folder (``<case>_<XXXX><ending>``): the cases a prediction must cover."""
+    cases = sorted({p.name[: -len(file_ending) - 5] for p in Path(folder).glob(f"*_[0-9][0-9][0-9][0-9]{file_ending}")})
+    if not cases:
+        raise DataError(f"no images <case>_XXXX{file_ending}", folder)
+    return cases
 
 
 def run_steps(steps: Sequence[RunStep], label_dir: Path, dataset_json: Path, dry_run: bool = False,
-              runner: Callable[[list[str]], None] = _default_runner, log: Callable[[str], None] = print) -> None:
-    """Train, predict and evaluate every step not done yet (``metrics.json`` present = done)."""
-    from pumit_nnunet.evaluation.evaluate import EvaluationConfig, evaluate_folders, labels_from_dataset_json, write_results
+              runner: Callable[[list[str]], None] = _default_runner, log: Callable[[str], None] = print,
+              cases: Sequence[str] | None = None) -> None:
+    """Train, predict and evaluate every step not done yet (``metrics.json`` present = done).
 
-    labels, names = labels_from_dataset_json(dataset_json)
+    ``cases`` are the test cases: each must have a prediction and a label (None: every label in ``label_dir``).
+    """
+    from pumit_nnunet.evaluation import evaluate as ev
+
+    labels, names = ev.labels_from_dataset_json(dataset_json)
+    config = ev.EvaluationConfig(labels, names, known_labels=ev.ignore_label_of(dataset_json))
     for step in steps:
         if (step.metrics_dir / "metrics.json").is_file():
             log(f"# {step.run.arm} {step.run.fraction:.0%}: done")
@@ -240,8 +256,10 @@ def run_steps(steps: Sequence[RunStep], label_dir: Path, dataset_json: Path, dry
         if dry_run:
             continue
         runner(step.predict)
-        result = evaluate_folders(step.pred_dir, label_dir, EvaluationConfig(labels, names), progress=False)
-        write_results(result, step.metrics_dir)
+        result = ev.evaluate_folders(step.pred_dir, label_dir, config, progress=False, cases=cases)
+        ev.write_results(result, step.metrics_dir)
+        for line in ev.findings(result):
+            log(f"# warning: {step.run.arm} {step.run.fraction:.0%}: {line}")
 
 
 # --- report ----------------------------------------------------------------------------------------------------------
@@ -250,8 +268,8 @@ def collect_rows(out_dir: Path, runs: Sequence[LabelEfficiencyRun]) -> list[dict
     rows = []
     for run in runs:
         path = run_dir(out_dir, run.arm, run.fraction) / "metrics.json"
-        if path.is_file():
-            summary = json.loads(path.read_text(encoding="utf-8"))["foreground_mean"]
+        if path.is_file():  # strict JSON: non-finite means are null + "<metric>_status"
+            summary = null_to_nonfinite(json.loads(path.read_text(encoding="utf-8")))["foreground_mean"]
             rows.append({"arm": run.arm, "fraction": run.fraction, "n_train": run.n_train,
                          **{m: float(summary[m]) for m in REPORT_METRICS}})
     return rows
@@ -275,9 +293,10 @@ def report_tables(rows: Sequence[dict[str, Any]]) -> tuple[str, str]:
 
 def plot_label_efficiency(rows: Sequence[dict[str, Any]], path: Path) -> None:
     """Dice, ASSD and HD against the fraction of training cases, one line per arm."""
-    from pumit_nnunet.pretrain.plots import _pyplot, save_figure_atomic
+    from pumit_nnunet.io import write_figure_atomic
+    from pumit_nnunet.pretrain.plots import FIGURE_LOOK, pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(REPORT_METRICS), figsize=(4.2 * len(REPORT_METRICS), 3.4))
     for ax, metric in zip(axes, REPORT_METRICS):
         for arm in ARMS:
@@ -289,14 +308,14 @@ def plot_label_efficiency(rows: Sequence[dict[str, Any]], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    save_figure_atomic(fig, path)
+    write_figure_atomic(fig, path, **FIGURE_LOOK)
 
 
 def write_report(out_dir: Path, runs: Sequence[LabelEfficiencyRun]) -> tuple[Path, Path, Path]:
     """``label_efficiency.{csv,md,png}`` in ``out_dir`` from the runs' ``metrics.json`` files."""
     rows = collect_rows(out_dir, runs)
     if not rows:
-        raise FileNotFoundError(f"no metrics.json under {out_dir}/<arm>/<NNN>pct/: run the label-efficiency runs first")
+        raise DataError("no metrics.json under <arm>/<NNN>pct/: run the label-efficiency runs first", out_dir)
     csv_text, md_text = report_tables(rows)
     paths = tuple(Path(out_dir) / f"label_efficiency.{ext}" for ext in ("csv", "md", "png"))
     write_text_atomic(paths[0], csv_text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -73,7 +74,9 @@ def _run_runs(args: argparse.Namespace) -> int:
     )
     results = Path(os.environ.get("nnUNet_results", "")) / preprocessed.name
     steps = le.plan_steps(settings, manifest, results, test_images)
-    le.run_steps(steps, args.test_labels or raw / "labelsTr", raw / "dataset.json", dry_run=args.dry_run)
+    ending = json.loads((raw / "dataset.json").read_text(encoding="utf-8"))["file_ending"]
+    le.run_steps(steps, args.test_labels or raw / "labelsTr", raw / "dataset.json", dry_run=args.dry_run,
+                 cases=le.cases_of_images(test_images, ending))
     if not args.dry_run:
         _print_report(le.write_report(args.out, manifest["runs"]))
     return 0

@@ -17,6 +17,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from pumit_nnunet.evaluation.medmnist_metrics import BINARY, MULTI_CLASS
+from pumit_nnunet.io import atomic_path
 
 __all__ = ["MedMNISTInfo", "MEDMNIST_3D", "SPLITS", "MedMNISTSplit", "medmnist_info", "npz_path",
            "load_medmnist", "save_medmnist_npz", "model_input"]
@@ -116,8 +117,6 @@ def load_medmnist(path: str | os.PathLike, splits: Sequence[str] = SPLITS) -> di
 
 def save_medmnist_npz(path: str | os.PathLike, data: Mapping[str, MedMNISTSplit]) -> None:
     """Write splits in the official layout (uncompressed ``np.savez``, as the released files), atomically."""
-    from pumit_nnunet.io import atomic_path
-
     arrays = {}
     for split, part in data.items():
         arrays[f"{split}_images"] = np.asarray(part.images, dtype=np.uint8)

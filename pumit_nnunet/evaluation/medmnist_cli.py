@@ -9,6 +9,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from pumit_nnunet.io import write_text_atomic  # stdlib only
+
 __all__ = ["register_medmnist", "add_command_group"]
 
 DATASETS = ("organ", "nodule", "adrenal", "fracture", "vessel", "synapse")
@@ -111,8 +113,6 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     scores = predict_scores(model, split, extra["task"], extra["input_size"], intensity_scale=scale)
     metrics = medmnist_metrics(split.labels, scores, extra["task"])
     if args.scores_csv:
-        from pumit_nnunet.io import write_text_atomic
-
         rows = [",".join([str(i), *(repr(float(v)) for v in row)]) for i, row in enumerate(np.atleast_2d(scores))]
         write_text_atomic(args.scores_csv, "\n".join(rows) + "\n")
     print(f"{extra['dataset']} {args.split}: AUC {metrics.auc:.4f} ACC {metrics.acc:.4f}")

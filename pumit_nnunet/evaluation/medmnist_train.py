@@ -1,9 +1,10 @@
 """Fine-tuning the PUMIT classifier on a MedMNIST-3D dataset, as the authors' ``eval-medmnist.py`` does.
 
-Recipe (``pumit-original-code.md`` §6.5): inputs in [0, 1], grey replicated to 3 channels, trilinearly resized to the
-pre-training scale (160^3); the whole model trained with AdamW (torch's default weight decay 0.01 on weights, none
-on biases, norms and tokens), batch 32, 100 epochs with the lr x0.1 at epochs 50 and 75; cross-entropy (BCE for
-multi-label tasks); the checkpoint with the best validation AUC is kept and evaluated on the test split.
+Recipe (the authors' script, in the github repository function2-llx/PUMIT): inputs in [0, 1], grey replicated
+to 3 channels, trilinearly resized to the pre-training scale (160^3); the whole model trained with AdamW (torch's
+default weight decay 0.01 on weights, none on biases, norms and tokens), batch 32, 100 epochs with the lr x0.1 at
+epochs 50 and 75; cross-entropy (BCE for multi-label tasks); the checkpoint with the best validation AUC is kept
+and evaluated on the test split.
 
 Resumable at epoch granularity: ``checkpoint_latest.pt`` (model, optimiser, schedule, history, RNG) is written
 atomically after every epoch and picked up by a rerun with the same configuration; ``results.json`` marks a
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,25 +25,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pumit_nnunet.checkpoints.format import AdaptationPlan, PretrainPlan, load_pumit_checkpoint, save_pumit_checkpoint
-from pumit_nnunet.io import write_json_atomic
+from pumit_nnunet.checkpoints.classifier import CLASSIFIER_ADAPTATION, load_classifier, save_classifier
+from pumit_nnunet.checkpoints.format import PretrainPlan
+from pumit_nnunet.checkpoints.load import load_vit_weights
+from pumit_nnunet.io import nonfinite_to_null, null_to_nonfinite, write_json_atomic, write_text_atomic
 from pumit_nnunet.evaluation.medmnist import MedMNISTInfo, MedMNISTSplit, load_medmnist, medmnist_info, model_input
 from pumit_nnunet.evaluation.medmnist_metrics import MULTI_LABEL, ClassificationMetrics, medmnist_metrics
 from pumit_nnunet.models.classifier import PumitClassifier, classifier_vit_config
 from pumit_nnunet.optim import build_adamw
+from pumit_nnunet.plain import to_plain
 from pumit_nnunet.pretrain.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint_atomic
+from pumit_nnunet.pretrain.plots import plot_curves
+from pumit_nnunet.pretrain.precision import autocast_context, default_precision
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "build_classifier", "predict_scores",
            "evaluate_split", "eval_intensity_scale", "load_classifier", "CLASSIFIER_ADAPTATION"]
 
 LATEST, BEST, RESULTS, CURVES = "checkpoint_latest.pt", "checkpoint_best.pt", "results.json", "progress.png"
-
-#: where the ViT sits inside a classifier state dict (so ``load_vit_weights`` can start from a fine-tuned classifier)
-CLASSIFIER_ADAPTATION = AdaptationPlan(
-    key_to_encoder="vit", key_to_stem="vit.patch_embed", keys_to_in_proj=["vit.patch_embed.proj"], key_to_lpe="vit.pos_embed"
-)
-# our checkpoint format has no "classifier" kind yet; a classifier is stored as a ViT with a head (prefix "vit.")
-CHECKPOINT_KIND = "vit"
 
 
 @dataclass
@@ -72,7 +71,8 @@ class FinetuneConfig:
     grad_checkpointing: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """The plain record written into checkpoints and ``results.json`` (:func:`pumit_nnunet.plain.to_plain`)."""
+        return to_plain(self)
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -104,17 +104,12 @@ def build_classifier(config: FinetuneConfig, info: MedMNISTInfo, log: Callable[[
     model = PumitClassifier(classifier_vit_config(config.vit_size, **config.vit_overrides), info.n_outputs)
     model.vit.set_grad_checkpointing(config.grad_checkpointing)
     if config.pretrained:
-        from pumit_nnunet.checkpoints import load_vit_weights
-
         load_vit_weights(model.vit, config.pretrained, allow_partial=config.allow_partial, log=log)
     return model
 
 
 def _autocast(device: torch.device):
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast("cpu", enabled=False)
+    return autocast_context(device, default_precision(device))
 
 
 def classification_loss(logits: Tensor, labels: Tensor, task: str) -> Tensor:
@@ -183,24 +178,11 @@ def train_one_epoch(model: PumitClassifier, optimizer: torch.optim.Optimizer, sp
 
 
 def _save_best(model: PumitClassifier, config: FinetuneConfig, info: MedMNISTInfo, epoch: int, val: ClassificationMetrics) -> None:
-    save_pumit_checkpoint(
-        Path(config.out_dir) / BEST, kind=CHECKPOINT_KIND, state_dict=model.state_dict(),
-        architecture=model.architecture(), adaptation=CLASSIFIER_ADAPTATION,
-        pretrain_plan=PretrainPlan(in_channels=3, intensity="unit-range", patch_size=[config.input_size] * 3,
-                                   notes=f"MedMNIST-3D {info.flag} classifier"),
-        extra={"classifier": True, "dataset": info.flag, "task": info.task, "epoch": epoch, "val_auc": val.auc,
-               "val_acc": val.acc, "input_size": config.input_size, "shape_transform": config.shape_transform},
-    )
-
-
-def load_classifier(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[PumitClassifier, dict[str, Any]]:
-    """A classifier written by :func:`finetune` (``checkpoint_best.pt``) and its ``extra`` record."""
-    checkpoint = load_pumit_checkpoint(path)
-    if not checkpoint.extra.get("classifier"):
-        raise ValueError(f"{path} is not a classifier checkpoint (no 'classifier' record in its extra block)")
-    model = PumitClassifier.from_architecture(checkpoint.architecture)
-    model.load_state_dict(checkpoint.state_dict)
-    return model.to(device), checkpoint.extra
+    plan = PretrainPlan(in_channels=3, intensity="unit-range", patch_size=[config.input_size] * 3,
+                        notes=f"MedMNIST-3D {info.flag} classifier")
+    save_classifier(Path(config.out_dir) / BEST, model, plan, extra={
+        "dataset": info.flag, "task": info.task, "epoch": epoch, "val_auc": val.auc, "val_acc": val.acc,
+        "input_size": config.input_size, "shape_transform": config.shape_transform})
 
 
 def _initial_state(config: FinetuneConfig, model: PumitClassifier, optimizer, schedule) -> dict[str, Any]:
@@ -222,11 +204,9 @@ def _initial_state(config: FinetuneConfig, model: PumitClassifier, optimizer, sc
 
 def finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> FinetuneResult:
     """Run (or resume, or just read back) one fine-tuning run; returns the validation-selected metrics."""
-    from pumit_nnunet.pretrain.plots import plot_curves
-
     out = Path(config.out_dir)
     if (out / RESULTS).is_file():
-        recorded = json.loads((out / RESULTS).read_text(encoding="utf-8"))
+        recorded = null_to_nonfinite(json.loads((out / RESULTS).read_text(encoding="utf-8")))
         if recorded.get("config") != json.loads(json.dumps(config.to_dict())):
             raise ValueError(f"{out / RESULTS} holds a finished run with another configuration; use a new folder")
         return FinetuneResult.from_dict(recorded)
@@ -265,7 +245,8 @@ def _final_result(config: FinetuneConfig, info: MedMNISTInfo, data: dict[str, Me
     model, _ = load_classifier(Path(config.out_dir) / BEST, device)
     result = FinetuneResult(config.lr, best_epoch, evaluate_split(model, data["val"], info.task, config),
                             evaluate_split(model, data["test"], info.task, config))
-    write_json_atomic(Path(config.out_dir) / RESULTS, {**result.to_dict(), "config": config.to_dict()})
+    record = {**result.to_dict(), "config": config.to_dict()}
+    write_json_atomic(Path(config.out_dir) / RESULTS, nonfinite_to_null(record))
     return result
 
 
@@ -307,8 +288,6 @@ def sweep_table(results: list[FinetuneResult], dataset: str) -> tuple[str, str]:
 def run_sweep(base: FinetuneConfig, lrs: list[float], out_root: str | os.PathLike,
               log: Callable[[str], None] = print) -> tuple[FinetuneResult, Path, Path]:
     """Fine-tune once per lr (each resumable in ``out_root/lr_<lr>``), write ``sweep.csv`` and ``sweep.md``."""
-    from pumit_nnunet.io import write_text_atomic
-
     results = []
     for lr in lrs:
         log(f"== lr {lr:g}")

@@ -13,7 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
-from pumit_nnunet.io import atomic_path, write_json_atomic
+from pumit_nnunet.errors import DataError, UsageError
+from pumit_nnunet.io import atomic_path, atomic_write_bytes, symlink_atomic, write_json_atomic
 
 PlaceMode = Literal["symlink", "copy"]
 Fold = dict[str, list[str]]
@@ -23,7 +24,7 @@ def raw_dataset_dir(dataset_id: int, name: str, nnunet_raw: str | os.PathLike | 
     """``$nnUNet_raw/DatasetXXX_Name`` (or under ``nnunet_raw``), failing clearly when the variable is unset."""
     root = nnunet_raw or os.environ.get("nnUNet_raw")
     if not root:
-        raise ValueError("nnUNet_raw is not set: export it or give the output folder explicitly")
+        raise UsageError("nnUNet_raw is not set: export it or give the output folder explicitly")
     return Path(root) / f"Dataset{dataset_id:03d}_{name}"
 
 
@@ -31,16 +32,14 @@ def place_file(source: Path, target: Path, mode: PlaceMode = "symlink") -> None:
     """Symlink or copy ``source`` to ``target``; a target that already is the source is kept (resumable)."""
     source = Path(source).resolve()
     if not source.is_file():
-        raise FileNotFoundError(f"source file not found: {source}")
+        raise DataError("source file does not exist", source)
     if target.exists() or target.is_symlink():
         if _is_same_placement(source, target, mode):
             return
-        raise FileExistsError(f"{target} exists and is not {source}; remove it or choose another output folder")
+        raise DataError(f"exists and is not {source}; remove it or choose another output folder", target)
     target.parent.mkdir(parents=True, exist_ok=True)
     if mode == "symlink":
-        tmp = target.parent / f".{target.name}.{os.getpid()}.link"
-        os.symlink(source, tmp)
-        os.replace(tmp, target)
+        symlink_atomic(source, target)
     elif mode == "copy":
         with atomic_path(target) as tmp:
             shutil.copyfile(source, tmp)
@@ -75,7 +74,7 @@ def write_dataset_json(
             file_ending=file_ending,
             **extra,
         )
-        os.replace(Path(tmp) / "dataset.json", dataset_dir / "dataset.json")
+        atomic_write_bytes(dataset_dir / "dataset.json", (Path(tmp) / "dataset.json").read_bytes())
     return dataset_dir / "dataset.json"
 
 
@@ -85,10 +84,10 @@ def check_folds(folds: Sequence[Fold], cases: Sequence[str]) -> None:
     for index, fold in enumerate(folds):
         train, val = set(fold["train"]), set(fold["val"])
         if train & val:
-            raise ValueError(f"fold {index}: cases in both train and val: {sorted(train & val)}")
+            raise DataError(f"fold {index}: cases in both train and val: {sorted(train & val)}")
         unknown = (train | val) - known
         if unknown:
-            raise ValueError(f"fold {index}: cases not in the dataset: {sorted(unknown)}")
+            raise DataError(f"fold {index}: cases not in the dataset: {sorted(unknown)}")
 
 
 def write_splits(path: Path, folds: Sequence[Fold]) -> None:

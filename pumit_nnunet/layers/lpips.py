@@ -5,7 +5,7 @@ Weights come from local files only (nothing is downloaded): torchvision's ImageN
 the ``lpips`` PyPI package (``lpips/weights/v0.1/vgg.pth``, keys ``lin{0..4}.model.1.weight``). Both are checked
 key by key and shape by shape; problems raise an error naming the file.
 
-Two deliberate differences from the original PUMIT code (reference notes §7.3):
+Two deliberate differences from the original PUMIT code (its LPIPS wrapper, github function2-llx/PUMIT):
 
 * the [-1, 1] -> ImageNet normalisation is the correct ``(x - (2·mean - 1)) / (2·std)`` (the original subtracts
   ``1 - 2·mean``, a sign error);

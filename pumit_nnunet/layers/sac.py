@@ -10,6 +10,10 @@ any spacing. Only the depth axis ever adapts; the in-plane stride is always the 
 Unlike the original code we carry no tensor subclass: callers pass ``aniso_d`` and ``level`` explicitly
 (gradient checkpointing and ``torch.compile`` keep working), and :class:`SpatialSequential` threads them through
 a stack of layers.
+
+Frozen use (the tokenizer inside MIM, evaluation, prediction) would sum the same depth taps on every call; there
+the reduced, dtype-cast kernels are cached per module (:class:`~pumit_nnunet.layers.frozen_cache.FrozenCache`) and recomputed only when the
+weights change. Under autograd nothing is cached, so training always differentiates through the reduction.
 """
 
 from __future__ import annotations
@@ -20,8 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pumit_nnunet.layers.frozen_cache import FrozenCache
+
 __all__ = [
     "reduce_depth_kernel",
+    "patch_conv3d",
     "adaptive_down_params",
     "adaptive_up_params",
     "SpatialModule",
@@ -50,6 +57,21 @@ def reduce_depth_kernel(weight: Tensor, group: int) -> Tensor:
     return weight.unflatten(2, (kd // group, group)).sum(dim=3)
 
 
+def patch_conv3d(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.conv3d(x, weight, bias, stride=kernel)`` with no padding, as one matrix product over the patches.
+
+    A conv whose stride equals its kernel sees each voxel once, so it is a GEMM of the flattened patches: this runs
+    at matmul speed where a 16^3-kernel conv (the ViT's patch embedding, about 10% of a MIM step on the CPU) does
+    not. Trailing voxels that fill no whole patch are dropped, as the conv drops them.
+    """
+    out_channels, _, kd, kh, kw = weight.shape
+    b, c = x.shape[:2]
+    d, h, w = x.shape[2] // kd, x.shape[3] // kh, x.shape[4] // kw
+    x = x[:, :, :d * kd, :h * kh, :w * kw]
+    patches = x.reshape(b, c, d, kd, h, kh, w, kw).permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, d, h, w, -1)
+    return F.linear(patches, weight.reshape(out_channels, -1), bias).permute(0, 4, 1, 2, 3)
+
+
 def adaptive_down_params(kernel_depth: int, stride: int, pending: int) -> tuple[int, int]:
     """Depth stride and tap-group size of an adaptive conv with ``pending`` in-plane downsamplings left.
 
@@ -75,6 +97,10 @@ def adaptive_up_params(stride_depth: int, remaining_depth_upsamples: int) -> tup
     """
     depth_stride = min(2 ** max(remaining_depth_upsamples, 0), stride_depth)
     return depth_stride, stride_depth // depth_stride
+
+
+def _cast(tensor: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if tensor is None else tensor.to(dtype)
 
 
 class SpatialModule(nn.Module):
@@ -105,6 +131,8 @@ class SpatiallyAdaptiveConv3d(SpatialModule):
         stride: isotropic stride ``2**k``; in-plane it always applies, in depth it shrinks while voxels are thick.
         padding: zero padding (depth padding is dropped whenever the kernel is reduced).
         bias: add a bias (unchanged by the reduction).
+        as_matmul: run as :func:`patch_conv3d` whenever the (reduced) kernel equals the stride and there is no
+            padding (the ViT's patch embedding); the same function, faster for large kernels.
     """
 
     def __init__(
@@ -115,14 +143,17 @@ class SpatiallyAdaptiveConv3d(SpatialModule):
         stride: int = 1,
         padding: int | Sequence[int] = 0,
         bias: bool = True,
+        as_matmul: bool = False,
     ) -> None:
         super().__init__()
+        self.as_matmul = as_matmul
         self.kernel_size = _triple(kernel_size)
         self.stride = int(stride)
         self.level_change = _log2_exact(self.stride, "SAC stride")
         self.padding = _triple(padding)
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.kernel_size))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self.kernel_cache = FrozenCache()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -143,8 +174,15 @@ class SpatiallyAdaptiveConv3d(SpatialModule):
         return weight, (depth_stride, self.stride, self.stride), (0, self.padding[1], self.padding[2])
 
     def forward(self, x: Tensor, aniso_d: int, level: int = 0) -> Tensor:
+        key = FrozenCache.key(self.weight, self.bias, x.dtype, aniso_d, level)
+        weight, bias, stride, padding = self.kernel_cache.get(key, lambda: self._cast_kernel(aniso_d, level, x.dtype))
+        if self.as_matmul and tuple(stride) == tuple(weight.shape[2:]) and not any(padding):
+            return patch_conv3d(x, weight, bias)
+        return F.conv3d(x, weight, bias, stride, padding)
+
+    def _cast_kernel(self, aniso_d: int, level: int, dtype: torch.dtype) -> tuple:
         weight, stride, padding = self.effective_weight(aniso_d, level)
-        return F.conv3d(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype), stride, padding)
+        return _cast(weight, dtype), _cast(self.bias, dtype), stride, padding
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[1]}, {self.weight.shape[0]}, kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
@@ -166,6 +204,7 @@ class SpatiallyAdaptiveConvTranspose3d(SpatialModule):
         self.level_change = -_log2_exact(self.stride[1], "in-plane stride")
         self.weight = nn.Parameter(torch.empty(in_channels, out_channels, *self.stride))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self.kernel_cache = FrozenCache()
         conv = nn.ConvTranspose3d(in_channels, out_channels, self.stride, self.stride, bias=bias)
         with torch.no_grad():
             self.weight.copy_(conv.weight)
@@ -177,9 +216,13 @@ class SpatiallyAdaptiveConvTranspose3d(SpatialModule):
         return reduce_depth_kernel(self.weight, group), (depth_stride, self.stride[1], self.stride[2])
 
     def forward(self, x: Tensor, aniso_d: int, level: int = 0) -> Tensor:
+        key = FrozenCache.key(self.weight, self.bias, x.dtype, aniso_d, level)
+        weight, bias, stride = self.kernel_cache.get(key, lambda: self._cast_kernel(aniso_d, level, x.dtype))
+        return F.conv_transpose3d(x, weight, bias, stride)
+
+    def _cast_kernel(self, aniso_d: int, level: int, dtype: torch.dtype) -> tuple:
         weight, stride = self.effective_weight(aniso_d, level)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.conv_transpose3d(x, weight.to(x.dtype), bias, stride)
+        return _cast(weight, dtype), _cast(self.bias, dtype), stride
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, {self.weight.shape[1]}, stride={self.stride}"

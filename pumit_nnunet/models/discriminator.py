@@ -1,12 +1,14 @@
-"""SAC patch discriminator of the tokenizer's adversarial loss (§2.5 of the reference notes)."""
+"""SAC patch discriminator of the tokenizer's adversarial loss (the authors' patch discriminator, with
+spatially adaptive convs so that one set of weights judges 2D images and volumes of any spacing)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from torch import Tensor, nn
 
 from pumit_nnunet.layers.sac import SpatiallyAdaptiveConv3d, SpatialSequential
+from pumit_nnunet.plain import from_plain, to_plain
 
 __all__ = ["DiscriminatorConfig", "PatchDiscriminator"]
 
@@ -28,11 +30,11 @@ class DiscriminatorConfig:
     norm_groups: int = 16
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return to_plain(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "DiscriminatorConfig":
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+    def from_dict(cls, data: dict, strict: bool = True) -> "DiscriminatorConfig":
+        return from_plain(cls, data, strict=strict, what="discriminator config")
 
 
 def _block(c_in: int, c_out: int, stride: int, groups: int) -> list[nn.Module]:

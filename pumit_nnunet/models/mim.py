@@ -3,7 +3,7 @@
 The ViT sees ImageNet-normalised RGB with 55% of its patch tokens replaced by a learnable mask token; an MLP head
 predicts, at every masked position, a distribution over the frozen tokenizer's codebook. The target is the
 tokenizer's own soft token (softmax of its logits at temperature 1), and the loss is the soft-label cross-entropy
-averaged over masked tokens (§4 of the reference). The tokenizer is deliberately *not* a sub-module: the MIM
+averaged over masked tokens, as in the authors' MIM stage. The tokenizer is deliberately *not* a sub-module: the MIM
 model's ``state_dict`` then holds exactly the released ``pumit-b.ckpt`` names (ViT keys, ``mask_token``,
 ``mim_head.{0,2}.*``) and the trainer owns the frozen tokenizer.
 
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pumit_nnunet.layers.lpips import IMAGENET_MEAN, IMAGENET_STD
 from pumit_nnunet.models.tokenizer import tokenizer_input
 from pumit_nnunet.models.vit import UniversalViT, ViTConfig
 
@@ -42,9 +43,8 @@ __all__ = [
 ]
 
 DEFAULT_MASK_RATIO = 0.55
-#: the ViT sees ImageNet-normalised RGB (the EVA-02 initialisation was trained on it); the tokenizer sees 2x - 1
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# the ViT sees ImageNet-normalised RGB (IMAGENET_MEAN/STD, defined once in layers.lpips: the EVA-02
+# initialisation was trained on it); the tokenizer sees 2x - 1
 #: layers that process mask tokens, per size; the others see only CLS + visible tokens (MAE-style). None = all.
 _MASK_LAYERS_FROM: dict[int, int] = {24: 18}
 

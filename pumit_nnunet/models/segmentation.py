@@ -14,13 +14,15 @@ from typing import Any, Sequence
 from torch import Tensor, nn
 
 from pumit_nnunet.anisotropy import MAX_ANISO_D, token_depth
-from pumit_nnunet.models.seg_blocks import TOKEN_LEVEL, UNetDecoder, ViTNeck, depth_factor
+from pumit_nnunet.models.seg_blocks import TOKEN_LEVEL, UNetDecoder, ViTNeck, decoder_config, depth_factor
 from pumit_nnunet.models.vit import UniversalViT, ViTConfig, vit_config
 
-__all__ = ["PumitSegNet", "patch_divisor", "backbone_config", "deep_supervision_scales"]
+__all__ = ["PumitSegNet", "patch_divisor", "backbone_config", "deep_supervision_scales", "CHECKPOINTING_MODES"]
 
 #: deepest in-plane level of the pyramid (1/32)
 DEEPEST_LEVEL = TOKEN_LEVEL + 1
+#: activation checkpointing, from least to most memory saved: nothing, the ViT blocks, ViT blocks + neck + decoder
+CHECKPOINTING_MODES = ("none", "backbone", "all")
 
 
 def patch_divisor(aniso_d: int, spatial_dims: int = 3) -> tuple[int, ...]:
@@ -72,8 +74,15 @@ class PumitSegNet(nn.Module):
         aniso_d: degree of anisotropy of the plan's spacing (ignored for 2D, which is 5).
         vit: a preset name (T, S, B, L) or a full ViT config dict.
         vit_overrides: fields of the ViT config to override (e.g. ``drop_path_rate``).
-        lateral_channels: decoder channels at in-plane 1/4, 1/8, 1/16, 1/32.
-        fullres_channels: decoder channels at full resolution and 1/2.
+        decoder: a decoder preset (``authors``, the default; ``lite``, nnU-Net's widths capped at 320) or a dict
+            of :class:`~pumit_nnunet.models.seg_blocks.DecoderConfig` fields.
+        lateral_channels: overrides the decoder channels at in-plane 1/4, 1/8, 1/16, 1/32.
+        fullres_channels: overrides the decoder channels at full resolution and 1/2.
+        input_affine: ``(scale, shift)`` applied to the input before backbone and decoder, e.g. ``(2, -1)``: the
+            authors' BTCV model maps its [0, 1] input to ``2x - 1`` itself (after augmentation), so do we, and
+            prediction (which rebuilds the network from the plans) applies it too. None: the input as given.
+        activation_checkpointing: one of :data:`CHECKPOINTING_MODES`; recomputes activations in the backward
+            pass instead of keeping them (training memory only: outputs and gradients are unchanged).
     """
 
     key_to_encoder = "backbone"
@@ -83,9 +92,11 @@ class PumitSegNet(nn.Module):
 
     def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = True, *,
                  patch_size: Sequence[int], aniso_d: int = 0, vit: str | dict[str, Any] = "B",
-                 vit_overrides: dict[str, Any] | None = None, lateral_channels: Sequence[int] = (128, 256, 512, 512),
-                 fullres_channels: Sequence[int] = (32, 64)) -> None:
+                 vit_overrides: dict[str, Any] | None = None, decoder: str | dict[str, Any] = "authors",
+                 lateral_channels: Sequence[int] | None = None, fullres_channels: Sequence[int] | None = None,
+                 activation_checkpointing: str = "none", input_affine: Sequence[float] | None = None) -> None:
         super().__init__()
+        self.input_affine = None if input_affine is None else (float(input_affine[0]), float(input_affine[1]))
         if len(patch_size) not in (2, 3):
             raise ValueError(f"patch_size must have 2 or 3 axes, got {list(patch_size)}")
         self.spatial_dims = len(patch_size)
@@ -100,8 +111,17 @@ class PumitSegNet(nn.Module):
         # find_unused_parameters), so the segmentation backbone has none (checkpoint loaders skip ``norm.*``)
         self.backbone.norm = nn.Identity()
         self.neck = ViTNeck(config.embed_dim, self.aniso_d)
-        self.decoder = UNetDecoder(config.embed_dim, input_channels, num_classes, self.aniso_d, lateral_channels,
-                                   fullres_channels, deep_supervision)
+        widths = decoder_config(decoder, lateral_channels=lateral_channels, fullres_channels=fullres_channels)
+        self.decoder = UNetDecoder(config.embed_dim, input_channels, num_classes, self.aniso_d, widths, deep_supervision)
+        self.set_activation_checkpointing(activation_checkpointing)
+
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """``none``, ``backbone`` (the ViT blocks) or ``all`` (ViT blocks, neck branches, decoder stages)."""
+        if mode not in CHECKPOINTING_MODES:
+            raise ValueError(f"activation_checkpointing must be one of {list(CHECKPOINTING_MODES)}, got {mode!r}")
+        self.activation_checkpointing = mode
+        self.backbone.set_grad_checkpointing(mode != "none")
+        self.neck.checkpointing = self.decoder.checkpointing = mode == "all"
 
     @property
     def deep_supervision(self) -> bool:
@@ -116,6 +136,8 @@ class PumitSegNet(nn.Module):
         return deep_supervision_scales(self.spatial_dims, self.aniso_d)
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        if self.input_affine is not None:
+            x = x * self.input_affine[0] + self.input_affine[1]
         if self.spatial_dims == 2:
             x = x.unsqueeze(2)
         features = self.backbone.forward_features(x, self.aniso_d)
@@ -130,4 +152,10 @@ class PumitSegNet(nn.Module):
         return out
 
     def no_weight_decay(self) -> set[str]:
-        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+        """The backbone's no-decay parameters, named from here (under the declared :attr:`key_to_encoder`)."""
+        return {f"{self.key_to_encoder}.{n}" for n in self.encoder.no_weight_decay()}
+
+    @property
+    def encoder(self) -> UniversalViT:
+        """The pre-trained part: the submodule named by :attr:`key_to_encoder` (nnU-Net's Primus contract)."""
+        return self.get_submodule(self.key_to_encoder)

@@ -2,7 +2,7 @@
 
 One set of 3D weights tokenizes 2D images and volumes of any spacing: every conv is spatially adaptive, so the
 latent grid is always 1/16 in-plane and ``1/(16 / 2**aniso_d)`` in depth (depth 1 for 2D). There are no residual
-blocks and no attention (§2.2 of the reference notes); state-dict names equal the original's
+blocks and no attention, as in the authors' tokenizer; state-dict names equal the original's
 (``encoder.{0,1.1,3,...}``, ``quantize.{proj,embedding}``, ``decoder.{0,...,8}``).
 
 Inputs are 3-channel in [-1, 1]; :func:`tokenizer_input` maps the loaders' [0, 1] grey or RGB crops there.
@@ -10,11 +10,12 @@ Inputs are 3-channel in [-1, 1]; :func:`tokenizer_input` maps the loaders' [0, 1
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 from torch import Tensor, nn
 
 from pumit_nnunet.layers.quantize import SoftTokenQuantizer
+from pumit_nnunet.plain import from_plain, to_plain
 from pumit_nnunet.layers.sac import (
     SpatialModule,
     SpatiallyAdaptiveConv3d,
@@ -62,12 +63,12 @@ class TokenizerConfig:
         return self.start_stride * 2 ** (len(self.down_channels) - 1)
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return to_plain(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TokenizerConfig":
-        known = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+    def from_dict(cls, data: dict, strict: bool = True) -> "TokenizerConfig":
+        """Strict by default: an unknown key is an error naming it (:func:`pumit_nnunet.plain.from_plain`)."""
+        return from_plain(cls, data, strict=strict, what="tokenizer config")
 
 
 TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
@@ -129,7 +130,7 @@ class AdaptiveTransposedConvUpsample(SpatialModule):
 
 
 def build_encoder(config: TokenizerConfig) -> SpatialSequential:
-    """Down convs (k = s) each with LayerNormNd + GELU, then two SAC 3x3 conv blocks (§2.2)."""
+    """Down convs (k = s) each with LayerNormNd + GELU, then two SAC 3x3 conv blocks (the authors' layout)."""
     layers: list[nn.Module] = []
     c_in = config.in_channels
     for i, c_out in enumerate(config.down_channels):

@@ -7,7 +7,7 @@ released weights load without renaming.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
@@ -16,10 +16,12 @@ from timm.layers import DropPath, trunc_normal_
 from torch import Tensor, nn
 
 from pumit_nnunet.layers.attention import EvaAttention
+from pumit_nnunet.layers.frozen_cache import FrozenCache
 from pumit_nnunet.layers.mlp import SwiGLU
 from pumit_nnunet.layers.pos_embed import resample_pos_embed
 from pumit_nnunet.layers.rope import DEFAULT_ROPE_BASES, AdditiveRope3d
 from pumit_nnunet.layers.sac import SpatiallyAdaptiveConv3d
+from pumit_nnunet.plain import from_plain, to_plain
 
 __all__ = ["ViTConfig", "VIT_PRESETS", "vit_config", "EvaBlock", "PatchEmbed", "UniversalViT"]
 
@@ -57,15 +59,12 @@ class ViTConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON/plans-friendly dict (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return to_plain(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ViTConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown ViT config keys: {sorted(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+    def from_dict(cls, data: dict[str, Any], strict: bool = True) -> "ViTConfig":
+        """Strict by default: an unknown key is an error naming it (:func:`pumit_nnunet.plain.from_plain`)."""
+        return from_plain(cls, data, strict=strict, what="ViT config")
 
 
 def _preset(dim: int, depth: int, heads: int, out_indices: Sequence[int]) -> ViTConfig:
@@ -114,7 +113,7 @@ class PatchEmbed(nn.Module):
         self.patch_size = patch_size
         self.patch_depth = patch_depth
         if patch_depth is None:
-            self.proj: nn.Module = SpatiallyAdaptiveConv3d(in_channels, dim, patch_size, stride=patch_size)
+            self.proj: nn.Module = SpatiallyAdaptiveConv3d(in_channels, dim, patch_size, stride=patch_size, as_matmul=True)
         else:
             kernel = (patch_depth, patch_size, patch_size)
             self.proj = nn.Conv3d(in_channels, dim, kernel, stride=kernel)
@@ -149,6 +148,8 @@ class UniversalViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, dim, *config.pos_embed_shape))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim)) if config.mask_token else None
         self.rope = AdditiveRope3d(dim // config.num_heads, config.rope_bases)
+        # the resampled position embedding of each grid, kept for frozen use (prediction, evaluation)
+        self.pos_embed_cache = FrozenCache()
         # a plain list (not torch.linspace) so that the model can be built on the meta device
         rates = [config.drop_path_rate * i / max(config.depth - 1, 1) for i in range(config.depth)]
         self.blocks = nn.ModuleList(
@@ -177,14 +178,19 @@ class UniversalViT(nn.Module):
         """Patch tokens with absolute position embedding, ``(B, N, C)``, and the token grid ``(D', H', W')``."""
         x = self.patch_embed(x, aniso_d)
         grid = tuple(x.shape[2:])
-        x = x + resample_pos_embed(self.pos_embed, grid).to(x.dtype)
+        key = FrozenCache.key(self.pos_embed, None, x.dtype, *grid)
+        x = x + self.pos_embed_cache.get(key, lambda: resample_pos_embed(self.pos_embed, grid).to(x.dtype))
         return x.flatten(2).transpose(1, 2), grid  # type: ignore[return-value]
 
     def prepend_cls(self, tokens: Tensor) -> Tensor:
         return torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
 
     def rope_tables(self, grid: Sequence[int], like: Tensor) -> tuple[Tensor, Tensor]:
-        return self.rope.cos_sin(grid, like.device, torch.float32)
+        """RoPE cos/sin of ``grid`` (cached by :class:`AdditiveRope3d`), in the dtype q and k have: autocast's when
+        it is on (so that no block casts the tables again), float32 otherwise."""
+        kind = like.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else torch.float32
+        return self.rope.cos_sin(grid, like.device, dtype)
 
     def run_block(self, index: int, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
         block = self.blocks[index]

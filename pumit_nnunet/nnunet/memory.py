@@ -1,70 +1,78 @@
-"""Token-based GPU memory model of a PUMIT segmentation training step (pure functions).
+"""Memory model of a PUMIT segmentation training step (pure functions).
 
-nnU-Net's planners estimate memory from the U-Net's conv feature maps
-(``compute_conv_feature_map_size``); a ViT has none, so PUMIT plans with its own model of one AdamW training
-step under bf16 autocast:
+nnU-Net's planners estimate memory from the U-Net's conv feature maps (``compute_conv_feature_map_size``); a
+ViT has none, so PUMIT has its own model of one AdamW training step. It predicts what
+:mod:`pumit_nnunet.nnunet.memory_count` counts (and the benchmarks report):
 
-``bytes = FIXED + PARAMETER_BYTES * parameters + OVERHEAD * batch * (ViT activations + decoder activations)``
+``training memory = saved-for-backward bytes + parameter + gradient + AdamW-state bytes``
 
-* **ViT activations** grow with ``tokens x blocks x width``. Attention runs on
-  ``scaled_dot_product_attention`` (flash / memory-efficient kernels), which keeps no ``tokens^2`` score matrix
-  for backward, so there is no quadratic term.
-* **Decoder activations** are conv feature maps: the neck's four ``embed_dim`` maps, the laterals, the U-Net up
-  path, the full-resolution branch and the deep-supervision heads, each at its pyramid level's voxel count.
-* **Parameters** carry fp32 weights, gradients and AdamW's two moments.
+* **Saved for backward** is counted tensor by tensor from the network's code, as *elements per token* (ViT
+  blocks) and *elements per voxel* of each pyramid level (neck, decoder), times the bytes of their precision
+  (:class:`Precision`). Attention runs on ``scaled_dot_product_attention``, which keeps no ``tokens^2`` score
+  matrix for backward, so there is no quadratic term. Activation checkpointing (``backbone``: the ViT blocks;
+  ``all``: also the neck and decoder) keeps only each checkpointed segment's inputs.
+* **Training state**: 16 bytes per parameter (fp32 weight, gradient, two AdamW moments) and AdamW's 4-byte step
+  counter per parameter tensor.
 
-The byte constants below are derived by counting which tensors autograd keeps for backward (see the comments);
-they are estimates of the same kind as nnU-Net's reference values, not measurements.
+The counts are validated against measurement for the T, S and B presets (tests/test_memory_model.py, CPU,
+fp32, within 15 %). For a GPU budget, :func:`peak_memory_bytes` adds what a real step needs on top (CUDA
+context and workspaces, backward's transient gradient buffers, allocator slack).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 from pumit_nnunet.anisotropy import MAX_ANISO_D, token_depth
 from pumit_nnunet.models.seg_blocks import TOKEN_LEVEL, depth_factor
 
 __all__ = [
-    "MemoryConstants", "NetworkShape", "token_grid", "level_voxels", "vit_activation_bytes",
-    "decoder_activation_bytes", "parameter_count", "training_memory_bytes", "max_batch_size", "GIB",
+    "Precision", "FP32", "BF16_AUTOCAST", "GpuOverhead", "NetworkShape", "token_grid", "level_voxels",
+    "vit_saved_bytes", "decoder_saved_bytes", "loss_saved_bytes", "saved_bytes", "parameter_count", "state_bytes",
+    "training_memory_bytes", "peak_memory_bytes", "max_batch_size", "GIB",
 ]
 
 GIB = 1024 ** 3
 #: pyramid levels of the decoder: 0 (full resolution) to 5 (in-plane 1/32)
 _LEVELS = 6
+#: heads whose outputs nnU-Net's deep-supervision loss uses (the lowest-resolution one is weighted 0)
+_LOSS_LEVELS = 3
 
 
 @dataclass(frozen=True)
-class MemoryConstants:
-    """Bytes kept for backward, per element of the named tensors (bf16 autocast on CUDA).
+class Precision:
+    """Bytes of the tensors autograd keeps, by role.
 
     Attributes:
-        vit_per_token_width: per token, block and unit of ``embed_dim``. Counted per block: the fp32 residual
-            stream saved by ``norm1`` and ``norm2`` (4 + 4), three bf16 casts of the normed input saved by the
-            separate q/k/v projections (3 x 2), q, k, v and the output saved by SDPA (4 x 2), the flattened
-            attention output saved by ``proj`` (2), two bf16 casts saved by ``w1``/``w2`` (2 x 2): 28.
-        vit_per_token_hidden: per token, block and unit of the SwiGLU hidden width: ``w1`` output (2), ``silu``
-            output (2), ``w2`` output (2), the fp32 product saved by ``ffn_ln`` (4), its bf16 cast saved by ``w3``
-            (2): 12.
-        conv_in: per voxel and input channel of a conv (its saved bf16 input cast).
-        conv_out: per voxel and output channel of conv + InstanceNorm + in-place LeakyReLU (norm runs in fp32:
-            saved input cast and output, 4 + 4).
-        head_per_class: per voxel and class of a deep-supervision head (bf16 logits, fp32 softmax and
-            log-softmax, one-hot target).
-        parameter: per parameter: fp32 weight, gradient and AdamW's two moments (4 x 4).
-        overhead: multiplies activations: allocator fragmentation and backward's transient gradient buffers.
+        activation: element size of conv/linear/attention activations (fp32: 4; bf16 autocast: 2).
+        norm_input: element size of a LayerNorm's saved input (autocast runs LayerNorm in fp32: 4 either way).
+        separate_linear_casts: autocast casts a shared fp32 input once per linear layer (q, k and v; w1 and w2),
+            so each keeps its own copy; in fp32 they share one tensor.
+    """
+
+    activation: float = 4.0
+    norm_input: float = 4.0
+    separate_linear_casts: bool = False
+
+
+FP32 = Precision()
+#: what the trainers run on CUDA; the same element counts as FP32 (validated on CPU), at bf16's element size
+BF16_AUTOCAST = Precision(activation=2.0, norm_input=4.0, separate_linear_casts=True)
+
+
+@dataclass(frozen=True)
+class GpuOverhead:
+    """What a CUDA training step needs beyond the counted memory (planning only).
+
+    Attributes:
+        activation_factor: multiplies saved-for-backward bytes: backward's transient gradient buffers and the
+            caching allocator's fragmentation.
         fixed: CUDA context, cuDNN/cuBLAS workspaces and the data loader's pinned batches.
     """
 
-    vit_per_token_width: float = 28.0
-    vit_per_token_hidden: float = 12.0
-    conv_in: float = 2.0
-    conv_out: float = 8.0
-    head_per_class: float = 16.0
-    parameter: float = 16.0
-    overhead: float = 1.2
+    activation_factor: float = 1.2
     fixed: float = 1.0 * GIB
 
 
@@ -73,7 +81,8 @@ class NetworkShape:
     """What the memory model needs to know about a :class:`~pumit_nnunet.models.segmentation.PumitSegNet`.
 
     ``parameters_without_pos_embed`` excludes the position embedding, whose size follows the token grid
-    (:func:`parameter_count` adds it back for a given patch).
+    (:func:`parameter_count` adds it back for a given patch). ``channels`` are the decoder's widths at pyramid
+    levels 0-5 (:attr:`~pumit_nnunet.models.seg_blocks.DecoderConfig.channels`).
     """
 
     embed_dim: int
@@ -82,9 +91,10 @@ class NetworkShape:
     in_channels: int
     num_classes: int
     parameters_without_pos_embed: int
-    lateral_channels: tuple[int, ...] = (128, 256, 512, 512)
-    fullres_channels: tuple[int, ...] = (32, 64)
-    constants: MemoryConstants = field(default_factory=MemoryConstants)
+    channels: tuple[int, ...] = (32, 64, 128, 256, 512, 512)
+    activation_checkpointing: str = "none"
+    parameter_tensors: int = 0
+    deep_supervision: bool = True
 
 
 def _spatial(patch_size: Sequence[int], aniso_d: int) -> tuple[list[int], int]:
@@ -109,50 +119,71 @@ def level_voxels(patch_size: Sequence[int], aniso_d: int, level: int) -> int:
     return d * max(spatial[1] >> level, 1) * max(spatial[2] >> level, 1)
 
 
-def vit_activation_bytes(patch_size: Sequence[int], aniso_d: int, net: NetworkShape) -> float:
-    """Bytes one sample's ViT keeps for backward: linear in tokens x blocks (no ``tokens^2`` term with SDPA)."""
-    c = net.constants
+def _block_bytes_per_token(net: NetworkShape, precision: Precision) -> float:
+    """One EVA block without checkpointing (elements per token, see EvaBlock, EvaAttention, SwiGLU)."""
+    e, h = net.embed_dim, net.mlp_hidden_dim
+    norm_inputs = 2 * e + h  # norm1, norm2 and ffn_ln keep their inputs
+    # linear inputs: q/k/v (one shared tensor), proj (a copy: the attention output is transposed), w1/w2, w3
+    linear_inputs = 3 * e + h + (3 * e if precision.separate_linear_casts else 0)
+    attention = 4 * e  # SDPA keeps the rotated q and k, v and its output
+    swiglu = 3 * h  # silu's input and output, w2's output (the product's other factor)
+    return norm_inputs * precision.norm_input + (linear_inputs + attention + swiglu) * precision.activation
+
+
+def vit_saved_bytes(patch_size: Sequence[int], aniso_d: int, net: NetworkShape, precision: Precision = FP32) -> float:
+    """Bytes one sample's ViT keeps for backward: linear in tokens x blocks (no ``tokens^2`` term with SDPA).
+
+    With checkpointing a block keeps only its input (the residual stream)."""
     tokens = math.prod(token_grid(patch_size, aniso_d)) + 1  # + CLS
-    per_token_block = c.vit_per_token_width * net.embed_dim + c.vit_per_token_hidden * net.mlp_hidden_dim
-    return float(tokens * net.depth * per_token_block)
+    if net.activation_checkpointing == "none":
+        per_block = _block_bytes_per_token(net, precision)
+    else:
+        per_block = net.embed_dim * precision.activation
+    return float(tokens * net.depth * per_block)
 
 
-def _decoder_bytes_per_voxel(net: NetworkShape) -> list[float]:
-    """Bytes per voxel of each pyramid level for one sample (see UNetDecoder and ViTNeck)."""
-    c = net.constants
-    ch = [*net.fullres_channels, *net.lateral_channels]  # channels at levels 0..5
-    e, per = net.embed_dim, [0.0] * _LEVELS
-
-    def conv(in_level: int, out_level: int, cin: int, cout: int) -> None:
-        per[in_level] += c.conv_in * cin
-        per[out_level] += c.conv_out * cout
-
-    per[0] += 4.0 * net.in_channels  # the fp32 input batch
-    # full-resolution branch: two convs at level 0, a strided one into level 1, one at level 1
-    for args in ((0, 0, net.in_channels, ch[0]), (0, 0, ch[0], ch[0]), (0, 1, ch[0], ch[1]), (1, 1, ch[1], ch[1])):
-        conv(*args)
-    # neck: four InstanceNorms at the token level, transposed convs up to levels 3 and 2, a max-pool to level 5
-    per[TOKEN_LEVEL] += 4 * c.conv_out * e
-    per[TOKEN_LEVEL] += 2 * c.conv_in * e + 4.0 * e  # two transposed-conv inputs, the max-pool's fp32 input
-    per[3] += 2 * c.conv_in * e + c.conv_out * e + 4.0 * e + c.conv_in * e  # outputs, IN, GELU input, 2nd input
-    per[2] += c.conv_in * e
-    per[5] += 8.0 * e  # max-pool indices
-    for level in range(2, _LEVELS):  # 1x1 laterals
-        conv(level, level, e, ch[level])
-    for level in range(_LEVELS - 2, -1, -1):  # up path: transposed conv, concat, two convs
-        per[level + 1] += c.conv_in * ch[level + 1]
-        per[level] += c.conv_in * ch[level]
-        conv(level, level, 2 * ch[level], ch[level])
-        conv(level, level, ch[level], ch[level])
-    for level in range(4):  # deep-supervision heads
-        per[level] += c.conv_in * ch[level] + c.head_per_class * net.num_classes
-    return per
+def _level_elements(net: NetworkShape) -> tuple[list[float], float]:
+    """Elements per voxel kept at each pyramid level by the neck and decoder (one sample), and the bytes per
+    level-5 voxel of the max-pool's int64 indices."""
+    e, c = net.embed_dim, net.channels
+    if net.activation_checkpointing == "all":
+        # only each segment's inputs: the image, the skips, every stage's output, the neck's inputs and outputs
+        return [2 * c[0], 2 * c[1], e + 2 * c[2], e + 2 * c[3], 5 * e + 2 * c[4], e + c[5]], 0.0
+    # a conv + InstanceNorm + in-place LeakyReLU keeps the conv output and the norm output (2 per channel);
+    # an up stage keeps the concatenation and two such blocks (6 per channel)
+    per = [4 * c[0] + 6 * c[0], 4 * c[1] + 6 * c[1]]  # full-resolution branch (two blocks per level) + up stage
+    per += [2 * c[level] + 6 * c[level] for level in range(2, 5)]  # lateral + up stage
+    per.append(2 * c[5])  # the deepest lateral (no up stage starts there)
+    per[2] += e  # the neck's level-2 output, kept by its lateral
+    per[3] += 3 * e + e  # level-2 branch: transposed conv, norm and GELU outputs; the level-3 output
+    per[TOKEN_LEVEL] += 4 * e + 4 * e  # four token maps (norm inputs) and their normed outputs
+    return per, 8.0 * e
 
 
-def decoder_activation_bytes(patch_size: Sequence[int], aniso_d: int, net: NetworkShape) -> float:
-    """Bytes one sample's neck and decoder keep for backward: conv feature maps at every pyramid level."""
-    per_voxel = _decoder_bytes_per_voxel(net)
-    return float(sum(per_voxel[level] * level_voxels(patch_size, aniso_d, level) for level in range(_LEVELS)))
+def decoder_saved_bytes(patch_size: Sequence[int], aniso_d: int, net: NetworkShape, precision: Precision = FP32) -> float:
+    """Bytes one sample's neck and decoder keep for backward (and the input image, kept by the first conv)."""
+    per_level, index_bytes = _level_elements(net)
+    voxels = [level_voxels(patch_size, aniso_d, level) for level in range(_LEVELS)]
+    total = sum(p * v for p, v in zip(per_level, voxels)) * precision.activation
+    return float(total + index_bytes * voxels[5] + 4.0 * net.in_channels * voxels[0])  # the fp32 input batch
+
+
+def loss_saved_bytes(patch_size: Sequence[int], aniso_d: int, net: NetworkShape) -> float:
+    """Bytes nnU-Net's Dice + CE keeps per sample (fp32 under autocast too): log-softmax and softmax outputs,
+    the one-hot target (4 bytes per class each) and the int64 label map, at each head the loss uses."""
+    levels = _LOSS_LEVELS if net.deep_supervision else 1
+    per_voxel = 12.0 * net.num_classes + 8.0
+    return float(sum(per_voxel * level_voxels(patch_size, aniso_d, level) for level in range(levels)))
+
+
+def saved_bytes(patch_size: Sequence[int], batch_size: int, aniso_d: int, net: NetworkShape,
+                precision: Precision = FP32) -> float:
+    """Bytes autograd keeps for backward in one forward + loss of a batch."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    per_sample = (vit_saved_bytes(patch_size, aniso_d, net, precision)
+                  + decoder_saved_bytes(patch_size, aniso_d, net, precision) + loss_saved_bytes(patch_size, aniso_d, net))
+    return batch_size * per_sample
 
 
 def parameter_count(patch_size: Sequence[int], aniso_d: int, net: NetworkShape) -> int:
@@ -160,19 +191,29 @@ def parameter_count(patch_size: Sequence[int], aniso_d: int, net: NetworkShape) 
     return net.parameters_without_pos_embed + net.embed_dim * math.prod(token_grid(patch_size, aniso_d))
 
 
-def training_memory_bytes(patch_size: Sequence[int], batch_size: int, aniso_d: int, net: NetworkShape) -> float:
-    """Estimated peak GPU memory (bytes) of one training step; monotone in every patch axis and the batch size."""
-    if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    c = net.constants
-    per_sample = vit_activation_bytes(patch_size, aniso_d, net) + decoder_activation_bytes(patch_size, aniso_d, net)
-    return c.fixed + c.parameter * parameter_count(patch_size, aniso_d, net) + c.overhead * batch_size * per_sample
+def state_bytes(patch_size: Sequence[int], aniso_d: int, net: NetworkShape) -> float:
+    """fp32 parameters, gradients, AdamW's two moments (16 bytes per parameter) and its step counters."""
+    return 16.0 * parameter_count(patch_size, aniso_d, net) + 4.0 * net.parameter_tensors
+
+
+def training_memory_bytes(patch_size: Sequence[int], batch_size: int, aniso_d: int, net: NetworkShape,
+                          precision: Precision = FP32) -> float:
+    """Saved-for-backward + training-state bytes (what :mod:`memory_count` measures); monotone in every patch
+    axis and the batch size."""
+    return saved_bytes(patch_size, batch_size, aniso_d, net, precision) + state_bytes(patch_size, aniso_d, net)
+
+
+def peak_memory_bytes(patch_size: Sequence[int], batch_size: int, aniso_d: int, net: NetworkShape,
+                      precision: Precision = BF16_AUTOCAST, overhead: GpuOverhead = GpuOverhead()) -> float:
+    """Estimated peak CUDA memory of one training step (what the planners compare with the budget)."""
+    saved = saved_bytes(patch_size, batch_size, aniso_d, net, precision)
+    return overhead.fixed + state_bytes(patch_size, aniso_d, net) + overhead.activation_factor * saved
 
 
 def max_batch_size(patch_size: Sequence[int], aniso_d: int, net: NetworkShape, budget_bytes: float) -> int:
-    """Largest batch size whose estimate fits ``budget_bytes`` (0 when not even one sample fits)."""
-    one = training_memory_bytes(patch_size, 1, aniso_d, net)
-    per_sample = training_memory_bytes(patch_size, 2, aniso_d, net) - one
+    """Largest batch size whose peak estimate fits ``budget_bytes`` (0 when not even one sample fits)."""
+    one = peak_memory_bytes(patch_size, 1, aniso_d, net)
+    per_sample = peak_memory_bytes(patch_size, 2, aniso_d, net) - one
     if one > budget_bytes:
         return 0
     return 1 + int((budget_bytes - one) // per_sample)

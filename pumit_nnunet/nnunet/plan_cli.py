@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
+
+from pumit_nnunet.errors import UsageError
 
 __all__ = ["register_plan", "find_dataset", "PlanError"]
 
@@ -22,23 +23,32 @@ DEFAULT_PLANS = "PumitPlans"
 TRAINER_FOR_VIT = {"T": "PumitTrainer_T", "S": "PumitTrainer_S", "B": "PumitTrainer", "L": "PumitTrainer_L"}
 
 
-class PlanError(Exception):
-    """A problem with the user's input; printed without a traceback."""
+class PlanError(UsageError):
+    """A problem with the user's input: ``main()`` prints it in one line (exit 2)."""
 
 
 def register_plan(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``plan`` sub-parser."""
+    from pumit_nnunet.nnunet.presets import preset_help
+
     parser = subparsers.add_parser(
         "plan", help="plan (and preprocess) an nnU-Net dataset for PumitTrainer: token-aligned patches, token memory model",
         description="Writes nnUNet_preprocessed/DatasetXXX/<plans name>.json with PUMIT configurations, then prints the "
         "nnUNetv2_train/nnUNetv2_predict commands. Presets: btcv, chaos, pretraining-match or a preset .json file.",
+        epilog=preset_help(), formatter_class=argparse.RawDescriptionHelpFormatter,  # the presets' recipes, as written
     )
     parser.add_argument("-d", "--dataset", required=True, help="dataset id (950) or name (Dataset950_Name)")
     parser.add_argument("-c", "--configurations", nargs="+", default=None, metavar="CFG",
                         help="configurations to preprocess and print commands for (default: 3d_fullres and 2d, "
                         "those the dataset has)")
     parser.add_argument("--vit", default="B", help="ViT size the memory model plans for: T, S, B (default), L")
-    parser.add_argument("--gpu-memory-gb", type=float, default=8.0, help="GPU memory target in GiB (default 8)")
+    parser.add_argument("--gpu-memory-gb", type=float, default=None,
+                        help="GPU memory budget of one training process in GiB (default: $PUMIT_GPU_MEMORY_GB, else "
+                        "nnU-Net's reference 8); over budget the planner enables activation checkpointing, then shrinks "
+                        "the patch")
+    parser.add_argument("--decoder", choices=("authors", "lite"), default="authors",
+                        help="decoder widths: authors (default; 512 channels at 1/16 and 1/32, as the PUMIT code) or "
+                        "lite (nnU-Net's widths capped at 320; a deliberate difference from the authors, less memory)")
     parser.add_argument("--plans-name", default=None, help=f"plans name (default {DEFAULT_PLANS}, or the preset's)")
     spacing = parser.add_mutually_exclusive_group()
     spacing.add_argument("--spacing", type=float, nargs="+", metavar="MM",
@@ -91,7 +101,7 @@ def _check_inputs(args: argparse.Namespace):
         raise PlanError(str(error)) from None
     if args.vit not in TRAINER_FOR_VIT:
         raise PlanError(f"unknown ViT size {args.vit!r}; choose T, S, B or L")
-    if args.gpu_memory_gb <= 0:
+    if args.gpu_memory_gb is not None and args.gpu_memory_gb <= 0:
         raise PlanError(f"--gpu-memory-gb must be positive, got {args.gpu_memory_gb}")
     raw, preprocessed = _folder("nnUNet_raw"), _folder("nnUNet_preprocessed")
     dataset_id, name = find_dataset(raw, str(args.dataset))
@@ -151,8 +161,11 @@ def _summary(dataset_id: int, plans_name: str, plans: dict, configurations: list
             print(f"  {configuration}: {json.dumps(c)}")
             continue
         print(f"  {configuration}: spacing {c['spacing']} (aniso_d {info['aniso_d']}), patch {c['patch_size']} "
-              f"({info['tokens']} tokens), batch {c['batch_size']}, ~{info['estimated_memory_gb']} GiB with ViT-{info['vit']}, "
-              f"normalisation {c['normalization_schemes']}, data {c['data_identifier']}")
+              f"({info['tokens']} tokens), batch {c['batch_size']}, ~{info['estimated_memory_gb']} GiB with ViT-{info['vit']} "
+              f"(activation checkpointing {info.get('activation_checkpointing', 'none')!r}, budget "
+              f"{info['gpu_memory_target_gb']:g} GiB), normalisation {c['normalization_schemes']}, data {c['data_identifier']}")
+        for step in info.get("memory_fit", []):
+            print(f"    memory fit: {step}")
     print("\nTrain and predict with the stock nnU-Net commands:")
     trainer = TRAINER_FOR_VIT[vit]
     for configuration in configurations:
@@ -169,23 +182,19 @@ def _summary(dataset_id: int, plans_name: str, plans: dict, configurations: list
 
 
 def _plan(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except PlanError as error:
-        print(f"pumit-nnunet plan: error: {error}", file=sys.stderr)
-        return 2
+    from pumit_nnunet.nnunet.memory_fit import gpu_budget_gb
 
-
-def _run(args: argparse.Namespace) -> int:
     preset, spacing, dataset_id, name, plans_name, fingerprint = _check_inputs(args)
+    budget, source = gpu_budget_gb(args.gpu_memory_gb)
     _fingerprint(dataset_id, fingerprint, args.num_processes)
     from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiment_dataset
 
     from pumit_nnunet.nnunet.planner import PumitPlanner
 
-    planner = partial(PumitPlanner, vit=args.vit, preset=preset)
+    planner = partial(PumitPlanner, vit=args.vit, preset=preset, budget_source=source,
+                      arch_overrides={"decoder": "lite"} if args.decoder == "lite" else None)
     try:
-        plans, _ = plan_experiment_dataset(dataset_id, planner, gpu_memory_target_in_gb=args.gpu_memory_gb,
+        plans, _ = plan_experiment_dataset(dataset_id, planner, gpu_memory_target_in_gb=budget,
                                            overwrite_target_spacing=spacing, overwrite_plans_name=plans_name)
     except ValueError as error:
         raise PlanError(str(error)) from None

@@ -8,21 +8,23 @@ find planners outside its package, so ``pumit-nnunet plan`` passes this class to
 
 Patch search (as nnU-Net's ResEnc planners): start from a patch with the spacing's aspect ratio and
 ``256**3`` (3D) or ``2048**2`` (2D) voxels, clip it to the median image shape, round up to whole tokens and the
-neck's strides (:func:`patch_divisor`), then shrink the axis with the largest patch/median ratio by one
-divisor step until a batch of 2 fits the GPU memory target. The batch then grows to what fits, capped so one
-batch covers at most 5 % of the dataset's voxels, and never below 2.
+neck's strides (:func:`patch_divisor`), then apply the memory-fitting rule of :mod:`.memory_fit` at batch 2
+(activation checkpointing first, then shrinking the axis with the largest patch/median ratio) until it fits the
+GPU memory budget. The batch then grows to what fits, capped so one batch covers at most 5 % of the dataset's
+voxels, and never below 2. A preset's fixed patch and batch are kept (only checkpointing may be enabled); the
+planner warns when they do not fit.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 import hashlib
 import json
 import math
 import warnings
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
@@ -30,12 +32,13 @@ from nnunetv2.paths import nnUNet_preprocessed
 
 from pumit_nnunet.models.segmentation import patch_divisor
 from pumit_nnunet.nnunet import memory
+from pumit_nnunet.nnunet.memory_fit import FitDecision, fit_training, network_shape, shrink_patch_to_fit
 from pumit_nnunet.nnunet.plans import plan_aniso_d, pumit_architecture
 from pumit_nnunet.nnunet.presets import PROTOCOL_KEY, PlanPreset
 
 __all__ = [
     "PumitPlanner", "initial_patch_size", "shrink_patch_to_fit", "choose_batch_size", "preprocessing_signature",
-    "network_shape", "PLANNER_KEY", "STOCK_PLANS",
+    "network_shape", "PLANNER_KEY", "STOCK_PLANS", "FitDecision",
 ]
 
 STOCK_PLANS = "nnUNetPlans"
@@ -51,20 +54,6 @@ def initial_patch_size(spacing: Sequence[float], median_shape: Sequence[float], 
     patch = inverse * (_TARGET_VOXELS[len(spacing)] / np.prod(inverse)) ** (1 / len(spacing))
     patch = np.minimum(patch, np.asarray(median_shape, dtype=np.float64))
     return [max(math.ceil(round(p, 6) / d), 1) * d for p, d in zip(patch, divisor)]
-
-
-def shrink_patch_to_fit(patch: Sequence[int], median_shape: Sequence[float], divisor: Sequence[int],
-                        fits: Callable[[list[int]], bool]) -> list[int]:
-    """Shrink the axis with the largest patch/median ratio by one ``divisor`` step until ``fits(patch)``; stops
-    at one divisor per axis (the caller then warns that even the smallest patch does not fit)."""
-    patch = [int(p) for p in patch]
-    while not fits(patch):
-        shrinkable = [i for i in range(len(patch)) if patch[i] > divisor[i]]
-        if not shrinkable:
-            break
-        axis = max(shrinkable, key=lambda i: (patch[i] / max(float(median_shape[i]), 1.0), -i))
-        patch[axis] -= divisor[axis]
-    return patch
 
 
 def choose_batch_size(fitting: int, coverage_cap: int, minimum: int = 2) -> int:
@@ -97,36 +86,6 @@ def _digest(signature: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(signature, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-@lru_cache(maxsize=32)
-def _parameters_without_pos_embed(vit: str, in_channels: int, num_classes: int, aniso_d: int, spatial_dims: int,
-                                  overrides: str) -> int:
-    import torch
-
-    from pumit_nnunet.models.segmentation import PumitSegNet, patch_divisor
-
-    patch = list(patch_divisor(aniso_d, spatial_dims))
-    with torch.no_grad():
-        net = PumitSegNet(in_channels, num_classes, patch_size=patch, aniso_d=aniso_d, vit=vit, **json.loads(overrides))
-    return sum(p.numel() for p in net.parameters()) - net.backbone.pos_embed.numel()
-
-
-def network_shape(vit: str, in_channels: int, num_classes: int, aniso_d: int, spatial_dims: int,
-                  arch_overrides: dict[str, Any] | None = None) -> memory.NetworkShape:
-    """The memory model's view of the PUMIT network (parameters counted once on a minimal patch, cached)."""
-    from pumit_nnunet.models.vit import vit_config
-
-    overrides = dict(arch_overrides or {})
-    config = vit_config(vit, **overrides.get("vit_overrides", {}))
-    params = _parameters_without_pos_embed(vit, in_channels, num_classes, aniso_d, spatial_dims,
-                                           json.dumps(overrides, sort_keys=True))
-    return memory.NetworkShape(
-        embed_dim=config.embed_dim, depth=config.depth, mlp_hidden_dim=config.mlp_hidden_dim, in_channels=in_channels,
-        num_classes=num_classes, parameters_without_pos_embed=params,
-        lateral_channels=tuple(overrides.get("lateral_channels", (128, 256, 512, 512))),
-        fullres_channels=tuple(overrides.get("fullres_channels", (32, 64))),
-    )
-
-
 class PumitPlanner(ExperimentPlanner):
     """nnU-Net experiment planner for PUMIT trainers (see the module docstring).
 
@@ -137,18 +96,21 @@ class PumitPlanner(ExperimentPlanner):
             ``overwrite_target_spacing`` is a fixed target spacing in nnU-Net's (untransposed) axis order.
         vit: ViT preset of the planned network (``T``, ``S``, ``B``, ``L``); trainers of another size re-adapt.
         preset: a plan preset (normalisation, fixed patch/batch, protocol), applied on top.
-        arch_overrides: further PumitSegNet keyword arguments (decoder channels).
+        arch_overrides: further PumitSegNet keyword arguments (``decoder``, decoder channels).
+        budget_source: where ``gpu_memory_target_in_gb`` came from (logged with the fitting decision).
     """
 
     def __init__(self, dataset_name_or_id: str | int, gpu_memory_target_in_gb: float = 8,
                  preprocessor_name: str = "DefaultPreprocessor", plans_name: str = "PumitPlans",
                  overwrite_target_spacing: Sequence[float] | None = None, suppress_transpose: bool = False, *,
-                 vit: str = "B", preset: PlanPreset | None = None, arch_overrides: dict[str, Any] | None = None):
+                 vit: str = "B", preset: PlanPreset | None = None, arch_overrides: dict[str, Any] | None = None,
+                 budget_source: str = "gpu_memory_target_in_gb"):
         super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name, plans_name,
                          overwrite_target_spacing, suppress_transpose)
         self.vit = vit
         self.preset = preset
         self.arch_overrides = arch_overrides
+        self.budget_source = budget_source
         self.intensity_properties = self._intensity_properties()
 
     def _intensity_properties(self) -> dict[str, Any]:
@@ -220,39 +182,51 @@ class PumitPlanner(ExperimentPlanner):
         return network_shape(self.vit, channels, len(self.dataset_json["labels"]), aniso_d, spatial_dims,
                              self.arch_overrides)
 
+    def _fixed(self, configuration: str, spacing: Sequence[float], divisor: Sequence[int]):
+        """The preset's fixed patch and batch of ``configuration`` (None where the planner chooses)."""
+        fixed = self.preset.configurations.get(configuration) if self.preset else None
+        if fixed is None:
+            return None, None
+        if fixed.patch_size is not None and (len(fixed.patch_size) != len(spacing)
+                                             or any(p % d for p, d in zip(fixed.patch_size, divisor))):
+            raise ValueError(f"preset {self.preset.name}: {configuration} patch {list(fixed.patch_size)} is not a multiple "
+                             f"of {list(divisor)} (whole tokens and the neck's strides at aniso_d={plan_aniso_d(spacing)})")
+        return fixed.patch_size, fixed.batch_size
+
     def _patch_and_batch(self, configuration: str, spacing: Sequence[float], median_shape: Sequence[float],
-                         dataset_voxels: float) -> tuple[list[int], int, int, memory.NetworkShape]:
+                         dataset_voxels: float) -> tuple[int, memory.NetworkShape, FitDecision]:
+        """aniso_d, the network (with the chosen checkpointing) and the fitting decision (patch, batch, why)."""
         aniso_d = plan_aniso_d(spacing)
         divisor = patch_divisor(aniso_d, len(spacing))
         net = self._network(aniso_d, len(spacing))
-        budget = self.UNet_vram_target_GB * memory.GIB
-        fixed = self.preset.configurations.get(configuration) if self.preset else None
-        if fixed is not None and fixed.patch_size is not None:
-            patch = list(fixed.patch_size)
-            if len(patch) != len(spacing) or any(p % d for p, d in zip(patch, divisor)):
-                raise ValueError(f"preset {self.preset.name}: {configuration} patch {patch} is not a multiple of "
-                                 f"{list(divisor)} (whole tokens and the neck's strides at aniso_d={aniso_d})")
-        else:
-            fits = lambda p: memory.training_memory_bytes(p, self.UNet_min_batch_size, aniso_d, net) <= budget  # noqa: E731
-            patch = shrink_patch_to_fit(initial_patch_size(spacing, median_shape, divisor), median_shape, divisor, fits)
-        if fixed is not None and fixed.batch_size is not None:
-            batch = fixed.batch_size
-        else:
-            cap = coverage_cap(dataset_voxels, patch, self.max_dataset_covered)
-            batch = choose_batch_size(memory.max_batch_size(patch, aniso_d, net, budget), cap, self.UNet_min_batch_size)
-        estimate = memory.training_memory_bytes(patch, batch, aniso_d, net)
-        if estimate > budget:
-            warnings.warn(f"{configuration}: patch {patch} x batch {batch} needs about {estimate / memory.GIB:.1f} GiB, "
-                          f"more than the {self.UNet_vram_target_GB:g} GiB target", stacklevel=2)
-        return patch, batch, aniso_d, net
+        budget = (float(self.UNet_vram_target_GB), self.budget_source)
+        fixed_patch, fixed_batch = self._fixed(configuration, spacing, divisor)
+        patch = list(fixed_patch) if fixed_patch else initial_patch_size(spacing, median_shape, divisor)
+        decision = fit_training(patch, fixed_batch or self.UNet_min_batch_size, aniso_d, net, median_shape, budget,
+                                fixed_patch=fixed_patch is not None, fixed_batch=True)
+        net = replace(net, activation_checkpointing=decision.activation_checkpointing)
+        if fixed_batch is None:  # grow the batch to what fits
+            cap = coverage_cap(dataset_voxels, decision.patch_size, self.max_dataset_covered)
+            fitting = memory.max_batch_size(decision.patch_size, aniso_d, net, budget[0] * memory.GIB)
+            batch = choose_batch_size(fitting, cap, self.UNet_min_batch_size)
+            if batch != decision.batch_size:
+                estimate = memory.peak_memory_bytes(decision.patch_size, batch, aniso_d, net)
+                decision = replace(decision, batch_size=batch, estimate_bytes=estimate,
+                                   steps=(*decision.steps, f"batch {batch} (fits, <= 5 % of the dataset): "
+                                                           f"~{estimate / memory.GIB:.1f} GiB"))
+        message = decision.message(f"{configuration}, ViT-{self.vit}")
+        print(message)
+        if not decision.fits:
+            warnings.warn(message, stacklevel=2)
+        return aniso_d, net, decision
 
     def get_plans_for_configuration(self, spacing, median_shape, data_identifier: str,
                                     approximate_n_voxels_dataset: float, _cache: dict) -> dict:
         if not all(s > 0 for s in spacing):
             raise ValueError(f"spacing must be > 0, got {list(spacing)}")
         configuration = self._configuration_name(data_identifier)
-        patch, batch, aniso_d, net = self._patch_and_batch(configuration, spacing, median_shape,
-                                                           approximate_n_voxels_dataset)
+        aniso_d, net, decision = self._patch_and_batch(configuration, spacing, median_shape, approximate_n_voxels_dataset)
+        patch, batch = list(decision.patch_size), decision.batch_size
         resampling_data, data_kwargs, resampling_seg, seg_kwargs = self.determine_resampling()
         resampling_probabilities, probabilities_kwargs = self.determine_segmentation_softmax_export_fn()
         schemes, masks = self.determine_normalization_scheme_and_whether_mask_is_used_for_norm()
@@ -264,16 +238,23 @@ class PumitPlanner(ExperimentPlanner):
             "resampling_fn_data_kwargs": data_kwargs, "resampling_fn_seg_kwargs": seg_kwargs,
             "resampling_fn_probabilities": resampling_probabilities.__name__,
             "resampling_fn_probabilities_kwargs": probabilities_kwargs,
-            "architecture": pumit_architecture(patch, aniso_d, self.vit, self.arch_overrides),
+            "architecture": pumit_architecture(patch, aniso_d, self.vit, self._arch_overrides(decision)),
         }
         plan["data_identifier"] = self.data_identifier_for(configuration, spacing, plan)
         plan[PLANNER_KEY] = {
             "vit": self.vit, "aniso_d": aniso_d, "tokens": int(np.prod(memory.token_grid(patch, aniso_d))),
-            "gpu_memory_target_gb": float(self.UNet_vram_target_GB),
-            "estimated_memory_gb": round(memory.training_memory_bytes(patch, batch, aniso_d, net) / memory.GIB, 2),
+            "gpu_memory_target_gb": float(self.UNet_vram_target_GB), "gpu_memory_budget_from": self.budget_source,
+            "estimated_memory_gb": round(decision.estimate_bytes / memory.GIB, 2),
+            "activation_checkpointing": decision.activation_checkpointing, "memory_fit": list(decision.steps),
             "preset": self.preset.name if self.preset else None,
         }
         return plan
+
+    def _arch_overrides(self, decision: FitDecision) -> dict[str, Any] | None:
+        """The planner's architecture overrides plus the chosen checkpointing (omitted when none)."""
+        if decision.activation_checkpointing == "none":
+            return self.arch_overrides
+        return {**(self.arch_overrides or {}), "activation_checkpointing": decision.activation_checkpointing}
 
     # -- saving -------------------------------------------------------------------------------------------------
     def _apply_preset(self, plans: dict[str, Any]) -> None:

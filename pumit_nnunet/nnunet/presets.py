@@ -34,13 +34,13 @@ from typing import Any, Sequence
 __all__ = [
     "PresetError", "Normalization", "Protocol", "ConfigurationPreset", "PlanPreset", "preset_folder",
     "available_presets", "load_preset", "parse_preset", "ct_window_intensity_properties", "protocol_from_plans",
-    "PROTOCOL_KEY", "NORMALIZATION_SCHEMES", "predict_options", "resolve_spacing",
+    "PROTOCOL_KEY", "NORMALIZATION_SCHEMES", "predict_options", "resolve_spacing", "preset_help",
 ]
 
 PROTOCOL_KEY = "pumit_protocol"
 #: nnU-Net's built-in normalisation classes (its preprocessor cannot find others)
 NORMALIZATION_SCHEMES = ("CTNormalization", "ZScoreNormalization", "RescaleTo01Normalization", "NoNormalization",
-                         "RGBTo01Normalization")
+                         "RGBTo01Normalization", "PumitPercentileZScoreNormalization")
 _PRESET_KEYS = {"name", "description", "plans_name", "spacing", "channels", "normalization", "configurations",
                 "protocol", "pretrained"}
 
@@ -63,6 +63,10 @@ class Protocol:
 
     ``sliding_window_step_size`` is nnU-Net's ``-step_size`` (overlap 0.75 = step 0.25); nnU-Net blends with a
     Gaussian and averages the 8 mirrorings of the 3 axes by default, which PUMIT's protocol also used.
+    ``recipe`` is ``"nnunet"`` (nnU-Net's loss, sampling and augmentation with the authors' [8, 4, 2, 1]/15 head
+    weights) or ``"authors"``; ``crop_weights``
+    (uniform, class-balanced), ``affine_scale_range`` and ``input_affine`` (scale, shift) configure the authors'
+    recipe, see :mod:`pumit_nnunet.nnunet.recipe`.
     """
 
     iterations: int = 50_000
@@ -80,8 +84,21 @@ class Protocol:
     checkpoint: str = "checkpoint_final.pth"
     model_selection: str = ("validation split only: train on the fold's training cases, pick settings on its "
                             "validation cases, never on the cases reported as test")
+    recipe: str = "nnunet"
+    crop_weights: tuple[float, float] = (1.0, 3.0)
+    affine_scale_range: tuple[float, float] = (-0.3, 0.4)
+    input_affine: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
+        from pumit_nnunet.nnunet.recipe import recipe_settings
+
+        for name in ("crop_weights", "affine_scale_range", "input_affine"):  # JSON gives lists
+            value = getattr(self, name)
+            if value is not None:
+                if not isinstance(value, (list, tuple)) or len(value) != 2:
+                    raise ValueError(f"protocol: {name} must be two numbers, got {value!r}")
+                object.__setattr__(self, name, tuple(float(v) for v in value))
+        recipe_settings(self)  # validates the recipe fields
         if self.epochs * self.iterations_per_epoch != self.iterations:
             raise ValueError(f"protocol: epochs x iterations_per_epoch ({self.epochs} x {self.iterations_per_epoch}) "
                              f"must equal iterations ({self.iterations})")
@@ -183,7 +200,13 @@ def _normalization(value: Any) -> Normalization:
     if not isinstance(value, dict) or set(value) - {"scheme", "window"} or "scheme" not in value:
         raise ValueError(f"normalization must be {{'scheme': ..., 'window': [lower, upper]}}, got {value!r}")
     if value["scheme"] not in NORMALIZATION_SCHEMES:
-        raise ValueError(f"normalization scheme {value['scheme']!r} is not one of nnU-Net's {NORMALIZATION_SCHEMES}")
+        raise ValueError(f"normalization scheme {value['scheme']!r} is not one of {NORMALIZATION_SCHEMES}")
+    if value["scheme"].startswith("Pumit"):
+        # ours is added to nnU-Net's normalisation module (the start-up hook does it in every process); the
+        # planner of this process looks the class up there right after parsing the preset
+        from pumit_nnunet.nnunet.recipe_normalization import register
+
+        register()
     window = value.get("window")
     if window is not None:
         if value["scheme"] != "CTNormalization":
@@ -247,6 +270,23 @@ def parse_preset(data: Any, source: str = "<preset>") -> PlanPreset:
         )
     except (TypeError, ValueError) as error:
         raise PresetError(f"preset {source}: {error}") from None
+
+
+def preset_help(width: int = 100) -> str:
+    """The shipped presets with their descriptions (which fine-tuning recipe each uses and what still differs
+    from the paper), wrapped for ``pumit-nnunet plan --help``; a preset that does not parse is listed as such."""
+    import textwrap
+
+    lines, folder = ["presets (--preset NAME):"], preset_folder()
+    for name in available_presets():
+        try:  # the raw JSON only: the parser is built on every start, full validation would import torch
+            data = json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
+            recipe = (data.get("protocol") or {}).get("recipe", "nnunet")
+            text = f"{name} [recipe: {recipe}]: {data.get('description', '')}"
+        except (OSError, ValueError, AttributeError) as error:
+            text = f"{name}: (unreadable: {error})"
+        lines.append(textwrap.fill(text, width, initial_indent="  ", subsequent_indent="    "))
+    return "\n".join(lines)
 
 
 def protocol_from_plans(configuration: dict[str, Any]) -> Protocol | None:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from pumit_nnunet.checkpoints.convert import CHANNEL_MODES
+from pumit_nnunet.errors import DataError, UsageError
 from pumit_nnunet.checkpoints.report import LoadReport
 from pumit_nnunet.checkpoints.load import unwrap_network
 from pumit_nnunet.io import write_text_atomic
@@ -54,16 +55,24 @@ WEIGHTS_LOADED_FLAG = "_pumit_pretrained_loaded"
 _DEFAULT_OPTIONS: dict[str, Any] = {"allow_partial": False, "channel_mode": "sum", "eva_cls_pos_index": 0}
 
 
+class PretrainedOptionsError(DataError, ValueError):
+    """A ``pumit_pretrained`` block (or its environment overrides) holds an unknown or invalid option."""
+
+
+class MissingConfigurationError(DataError, KeyError):
+    """A plans file has no configuration of the requested name."""
+
+
 def validate_pretrained_options(options: dict[str, Any]) -> dict[str, Any]:
     """Fill defaults and check the options of a ``pumit_pretrained`` block; raises ``ValueError`` naming the bad one."""
     unknown = set(options) - set(_DEFAULT_OPTIONS)
     if unknown:
-        raise ValueError(f"unknown pretrained-weights options {sorted(unknown)}; known: {sorted(_DEFAULT_OPTIONS)}")
+        raise PretrainedOptionsError(f"unknown pretrained-weights options {sorted(unknown)}; known: {sorted(_DEFAULT_OPTIONS)}")
     merged = {**_DEFAULT_OPTIONS, **options}
     if merged["channel_mode"] not in CHANNEL_MODES:
-        raise ValueError(f"channel_mode {merged['channel_mode']!r} is not one of {CHANNEL_MODES}")
+        raise PretrainedOptionsError(f"channel_mode {merged['channel_mode']!r} is not one of {CHANNEL_MODES}")
     if merged["eva_cls_pos_index"] not in (0, 1):
-        raise ValueError("eva_cls_pos_index must be 0 (correct) or 1 (reproduces the original code's bug)")
+        raise PretrainedOptionsError("eva_cls_pos_index must be 0 (correct) or 1 (reproduces the original code's bug)")
     merged["allow_partial"] = bool(merged["allow_partial"])
     return merged
 
@@ -128,8 +137,11 @@ def install_pretrained_weights_route(plan_options: dict[str, Any] | None = None)
     def load_pretrained_weights(network, fname, verbose=False):
         if _backbone(network) is None:
             return current(network, fname, verbose=verbose)
+        from pumit_nnunet.nnunet.checkpointing import trainer_refuses_bad_input
+
         print(f"################### PUMIT: loading pre-trained weights from {fname} ###################")
-        pumit_load_pretrained_weights(network, fname, verbose)
+        with trainer_refuses_bad_input("-pretrained_weights not loaded"):  # one line, not a traceback
+            pumit_load_pretrained_weights(network, fname, verbose)
         setattr(unwrap_network(network), WEIGHTS_LOADED_FLAG, True)
 
     load_pretrained_weights._pumit_route = True  # type: ignore[attr-defined]
@@ -151,7 +163,7 @@ def load_pretrained_from_plans(trainer: Any) -> LoadReport | None:
 
     block = trainer.configuration_manager.configuration.get(PLANS_KEY)
     if not isinstance(block, (dict, type(None))):
-        raise ValueError(f"plans configuration {trainer.configuration_name!r}: {PLANS_KEY!r} must be a dict")
+        raise PretrainedOptionsError(f"plans configuration {trainer.configuration_name!r}: {PLANS_KEY!r} must be a dict")
     if not block or "path" not in block:  # no weights recorded (a preset may record only options such as channel_mode)
         return None
     options = validate_pretrained_options({k: v for k, v in block.items() if k != "path"})
@@ -163,10 +175,26 @@ def load_pretrained_from_plans(trainer: Any) -> LoadReport | None:
         )
     backbone = _backbone(trainer.network)
     if backbone is None:
-        raise TypeError(f"the network of configuration {trainer.configuration_name!r} has no ViT backbone to load {path} into")
+        raise PretrainedOptionsError(f"the network of configuration {trainer.configuration_name!r} has no ViT backbone to "
+                                     "load these weights into", path)
     log = getattr(trainer, "print_to_log_file", print)
     log(f"PUMIT: loading pre-trained weights recorded in the plans: {path}")
     return load_vit_weights(backbone, path, log=log, **options)
+
+
+def _read_plans_json(plans_path: Path) -> dict[str, Any]:
+    """The plans dict; a file that is not JSON (or not a JSON object) is a one-line :class:`DataError`."""
+    try:
+        plans = json.loads(plans_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise DataError(f"is not a plans JSON file (not UTF-8 text: {error.reason} at byte {error.start})",
+                        plans_path) from error
+    except json.JSONDecodeError as error:
+        raise DataError(f"is not a plans JSON file ({error.msg} at line {error.lineno} column {error.colno})",
+                        plans_path) from error
+    if not isinstance(plans, dict):
+        raise DataError(f"is not a plans file: it holds a JSON {type(plans).__name__}, not an object", plans_path)
+    return plans
 
 
 def record_pretrained_in_plans(plans_file: str, configuration: str, weights: str, **options: Any) -> Path:
@@ -177,10 +205,11 @@ def record_pretrained_in_plans(plans_file: str, configuration: str, weights: str
     plans_path = Path(plans_file)
     if not plans_path.is_file():
         raise FileNotFoundError(f"plans file {plans_path} does not exist")
-    plans = json.loads(plans_path.read_text(encoding="utf-8"))
+    plans = _read_plans_json(plans_path)
     configurations = plans.get("configurations", {})
-    if configuration not in configurations:
-        raise KeyError(f"configuration {configuration!r} not in {plans_path} (have: {sorted(configurations)})")
+    if not isinstance(configurations, dict) or configuration not in configurations:
+        raise MissingConfigurationError(f"configuration {configuration!r} not in the plans (have: {sorted(configurations)})",
+                                        plans_path)
     # options already recorded (e.g. a preset's channel_mode) stay unless given again
     recorded = {k: v for k, v in (configurations[configuration].get(PLANS_KEY) or {}).items() if k != "path"}
     block = {"path": str(Path(weights).expanduser().resolve()), **validate_pretrained_options({**recorded, **options})}
@@ -202,7 +231,7 @@ def preprocessed_plan_files(dataset: str | int, plans_name: str = "nnUNetPlans")
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     if nnUNet_preprocessed is None:
-        raise RuntimeError("nnUNet_preprocessed is not set; pass --plans FILE instead of --dataset")
+        raise UsageError("nnUNet_preprocessed is not set; pass --plans FILE instead of --dataset")
     folder = Path(nnUNet_preprocessed) / maybe_convert_to_dataset_name(dataset)
     return folder / f"{plans_name}.json", folder / "dataset.json"
 

@@ -7,8 +7,7 @@ the network (:class:`pumit_nnunet.models.segmentation.PumitSegNet`), the optimis
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -17,14 +16,19 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from torch import nn
 
 from pumit_nnunet.checkpoints.load import unwrap_network
-from pumit_nnunet.io import atomic_path
-from pumit_nnunet.nnunet.plans import PUMIT_NETWORK, adapt_configuration
+from pumit_nnunet.nnunet.plans import PUMIT_NETWORK, adapt_and_fit
+from pumit_nnunet.nnunet.recipe import RecipeSettings, recipe_arch_overrides
+from pumit_nnunet.nnunet.recipe_trainer import RecipeHooks, recipe_from_plans
 from pumit_nnunet.optim import WarmupDecaySchedule, build_adamw
+from pumit_nnunet.pretrain.precision import autocast_context, default_precision
+
+if TYPE_CHECKING:
+    from pumit_nnunet.nnunet.memory_fit import FitDecision
 
 __all__ = ["PumitTrainerBase"]
 
 
-class PumitTrainerBase(nnUNetTrainer):
+class PumitTrainerBase(RecipeHooks, nnUNetTrainer):
     """Common behaviour of every PUMIT trainer; subclasses set the class attributes below (a few lines each).
 
     Class attributes:
@@ -37,6 +41,8 @@ class PumitTrainerBase(nnUNetTrainer):
         arch_overrides: further network keyword arguments written into the plans (e.g. decoder channels).
         test_time_mirroring: allow nnU-Net's mirroring test-time augmentation at prediction.
         checkpoint_every: epochs between ``checkpoint_latest.pth`` writes (nnU-Net's ``save_every``).
+        recipe: ``"nnunet"`` or ``"authors"`` forces a fine-tuning recipe; None (default) takes the plans' protocol
+            (``pumit_protocol.recipe``), else nnU-Net's. See :mod:`pumit_nnunet.nnunet.recipe`.
 
     Subclasses must not override ``__init__``: nnU-Net records the constructor's arguments by inspecting its
     signature, so variants are expressed through these attributes only.
@@ -55,11 +61,13 @@ class PumitTrainerBase(nnUNetTrainer):
     arch_overrides: ClassVar[dict[str, Any] | None] = None
     test_time_mirroring: ClassVar[bool] = True
     checkpoint_every: ClassVar[int | None] = None
+    recipe: ClassVar[str | None] = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
-        adapt_configuration(plans, configuration, self.vit_size, self.patch_cap, self.batch_size_override, self.arch_overrides)
+        self.recipe_settings, self.memory_fit = self.fit_plans(plans, configuration, dataset_json)
         super().__init__(plans, configuration, fold, dataset_json, device)
+        self.print_to_log_file(self.memory_fit.message(f"{configuration}, ViT-{self.vit_size}"))
         self.initial_lr = self.base_lr
         self.weight_decay = self.base_weight_decay
         self.num_epochs = self.pumit_epochs
@@ -71,6 +79,17 @@ class PumitTrainerBase(nnUNetTrainer):
         if self.checkpoint_every is not None:
             self.save_every = self.checkpoint_every
         self._pretrained_route()
+
+    @classmethod
+    def fit_plans(cls, plans: dict, configuration: str, dataset_json: dict) -> tuple[RecipeSettings, FitDecision]:
+        """Adapt ``plans`` (in place) as this trainer trains them; ``(RecipeSettings, FitDecision)``. The one place
+        the trainer's patch, batch and network are decided (the demo's nnU-Net twin copies its patch and batch)."""
+        # the recipe fixes parts of the network (decoder options, input map): decide it before the plans are adapted
+        settings = recipe_from_plans(plans, configuration, cls.recipe)
+        # stock plans: the memory-fitting rule picks patch, batch and activation checkpointing (PUMIT_GPU_MEMORY_GB)
+        decision = adapt_and_fit(plans, configuration, cls.vit_size, dataset_json, cls.patch_cap,
+                                 cls.batch_size_override, recipe_arch_overrides(settings, cls.arch_overrides))
+        return settings, decision
 
     def _apply_protocol(self) -> None:
         """A plan preset's ``pumit_protocol`` (e.g. BTCV: 50k steps, lr 1e-4, 5k warm-up, cosine) sets the schedule.
@@ -117,8 +136,11 @@ class PumitTrainerBase(nnUNetTrainer):
 
         if not self.was_initialized:
             self.initialize()
+        from pumit_nnunet.nnunet.checkpointing import trainer_refuses_bad_input
+
         if self.current_epoch == 0 and not getattr(unwrap_network(self.network), WEIGHTS_LOADED_FLAG, False):
-            load_pretrained_from_plans(self)
+            with trainer_refuses_bad_input("pre-trained weights recorded in the plans not loaded"):
+                load_pretrained_from_plans(self)
         super().on_train_start()
 
     def _pretrained_route(self) -> None:
@@ -155,10 +177,7 @@ class PumitTrainerBase(nnUNetTrainer):
         self.logger.log("lrs", lr, self.current_epoch)
 
     def _autocast(self):
-        if self.device.type != "cuda":
-            return nullcontext()
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
+        return autocast_context(self.device, default_precision(self.device))
 
     def train_step(self, batch: dict) -> dict:
         self.lr_scheduler.set_step(getattr(self, "_iteration", 0))
@@ -168,6 +187,9 @@ class PumitTrainerBase(nnUNetTrainer):
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             loss = self.loss(self.network(data), target)
+        if self._skip_nonfinite(loss):  # keep the last good weights; stop after too many in a row
+            self._iteration = getattr(self, "_iteration", 0) + 1
+            return {"loss": loss.detach().cpu().numpy()}
         use_scaler = self.grad_scaler is not None and not torch.cuda.is_bf16_supported()
         if use_scaler:  # fp16 only; bf16 needs no loss scaling
             self.grad_scaler.scale(loss).backward()
@@ -183,10 +205,42 @@ class PumitTrainerBase(nnUNetTrainer):
         self._iteration = getattr(self, "_iteration", 0) + 1
         return {"loss": loss.detach().cpu().numpy()}
 
+    def _skip_nonfinite(self, loss: torch.Tensor) -> bool:
+        """Whether to skip this step (non-finite loss); stops the run after ``PUMIT_MAX_NONFINITE_STEPS`` in a row."""
+        from pumit_nnunet.nnunet.checkpointing import TrainerRefusal
+        from pumit_nnunet.nnunet.loss_guard import NonFiniteLossGuard
+
+        if getattr(self, "_loss_guard", None) is None:
+            self._loss_guard = NonFiniteLossGuard(log=self.print_to_log_file)
+        try:
+            return self._loss_guard.skip(loss, getattr(self, "_iteration", 0))
+        except TrainerRefusal as error:
+            self.print_to_log_file(str(error))
+            for loader in (self.dataloader_train, self.dataloader_val):  # background workers must not outlive us
+                if hasattr(loader, "_finish"):
+                    loader._finish()
+            raise
+
     # -- checkpoints --------------------------------------------------------------------------------------------
     def save_checkpoint(self, filename: str) -> None:
-        # nnU-Net writes in place; an interruption mid-write would destroy the last good checkpoint
+        """nnU-Net's checkpoint with plain values only (loads with ``weights_only=True``), written atomically (nnU-Net
+        writes in place: an interruption mid-write would destroy the last good checkpoint), never from NaN weights."""
+        from pumit_nnunet.checkpoints.format import atomic_torch_save
+        from pumit_nnunet.nnunet.checkpointing import require_finite_network, results_checkpoint
+
         if self.local_rank != 0 or self.disable_checkpointing:
             return super().save_checkpoint(filename)  # writes nothing (logs why on rank 0)
-        with atomic_path(filename) as tmp:
-            super().save_checkpoint(str(tmp))
+        require_finite_network(self.network, filename)
+        atomic_torch_save(results_checkpoint(self), filename)
+
+    def load_checkpoint(self, filename_or_checkpoint: str | dict) -> None:
+        """``--c`` / ``--val``: read weights-only (a crafted file cannot run code) and refuse non-finite weights."""
+        from pumit_nnunet.nnunet.checkpointing import read_results_checkpoint, restore_results_checkpoint
+
+        checkpoint = filename_or_checkpoint
+        if not isinstance(checkpoint, dict):  # refuse a bad file before building anything
+            self.print_to_log_file(f"PUMIT: loading {checkpoint} weights-only")
+            checkpoint = read_results_checkpoint(checkpoint, self.device)
+        if not self.was_initialized:
+            self.initialize()
+        restore_results_checkpoint(self, checkpoint)

@@ -6,6 +6,9 @@
 - ``attach PLANS CONFIGURATION FILE``: record the weights in a plans configuration, so that the plain
   ``nnUNetv2_train ... -tr PumitTrainer`` fine-tunes from them.
 
+Every file is read weights-only and must hold finite tensors. ``pumit-nnunet check-model-folder DIR`` (registered
+here too) certifies a whole nnU-Net results folder before prediction.
+
 Target options: ``--vit T|S|B|L`` (default: the checkpoint's own size), ``--dataset ID`` or ``--plans FILE`` with
 ``--configuration`` (the backbone a PUMIT trainer builds for that plan), then ``--in-channels``,
 ``--patch-depth`` (0 = adaptive SAC 16^3 kernel) and ``--pos-embed-shape D H W`` override single fields.
@@ -89,20 +92,32 @@ def _convert(args: argparse.Namespace) -> int:
     from pumit_nnunet.checkpoints.readers import read_weights
     from pumit_nnunet.checkpoints.tools import convert_checkpoint
 
-    config = _target_config(args, read_weights(args.file))
+    config = _target_vit(args, read_weights(args.file)).config
     report = convert_checkpoint(args.file, args.out, config, overwrite=args.force, **_conversion_kwargs(args))
     print(report.summary())
     print(f"wrote {args.out}")
     return 0
 
 
+def _target_vit(args: argparse.Namespace, weights: Any) -> Any:
+    """The target ViT; a target these weights cannot describe (e.g. an impossible head split) names the file."""
+    from pumit_nnunet.checkpoints.format import CheckpointError
+    from pumit_nnunet.models.vit import UniversalViT
+
+    try:
+        return UniversalViT(_target_config(args, weights))
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError) as error:  # an impossible config (bad head split, absent key); not assertions: bugs
+        raise CheckpointError(f"no target ViT can be built for these weights: {error}", args.file) from error
+
+
 def _verify(args: argparse.Namespace) -> int:
     from pumit_nnunet.checkpoints.load import load_vit_weights
     from pumit_nnunet.checkpoints.readers import read_weights
-    from pumit_nnunet.models.vit import UniversalViT
 
     weights = read_weights(args.file)
-    vit = UniversalViT(_target_config(args, weights))
+    vit = _target_vit(args, weights)
     options = _conversion_kwargs(args)
     report = load_vit_weights(vit, weights, log=None, **{**options, "allow_partial": True})
     print(report.summary())
@@ -118,19 +133,30 @@ def _attach(args: argparse.Namespace) -> int:
     return 0
 
 
-def _guarded(handler: Any) -> Any:
-    """Turn expected failures (absent, broken or mismatching files) into a one-line message and exit code 1."""
+def _check_model_folder(args: argparse.Namespace) -> int:
+    from pumit_nnunet.errors import DataError
+    from pumit_nnunet.nnunet.model_folder import check_model_folder
 
-    def run(args: argparse.Namespace) -> int:
-        from pumit_nnunet.checkpoints.format import CheckpointError
+    verdicts = check_model_folder(args.folder)
+    for verdict in verdicts:
+        print(verdict.line())
+    bad = [v for v in verdicts if v.problem is not None]
+    if bad:
+        more = f" (and {len(bad) - 1} more of {len(verdicts)} checkpoints)" if len(bad) > 1 else ""
+        raise DataError(f"{bad[0].problem}{more}; do not predict with this folder", bad[0].path)
+    print(f"{len(verdicts)} checkpoints load weights-only and are finite; predict with TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 "
+          "nnUNetv2_predict ...")
+    return 0
 
-        try:
-            return handler(args)
-        except (CheckpointError, FileNotFoundError, FileExistsError, KeyError, ValueError) as error:
-            print(f"pumit-nnunet weights {args.weights_command}: error: {error}")
-            return 1
 
-    return run
+def _register_check_model_folder(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "check-model-folder", help="certify an nnU-Net results folder is safe to predict with",
+        description="Checks that every fold_*/checkpoint_*.pth below FOLDER loads with torch.load(weights_only=True) "
+        "(pickled code cannot run) and holds finite weights; exit 1 naming the first offending file. Then predict "
+        "with `TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 nnUNetv2_predict ...`, which refuses files changed since.")
+    parser.add_argument("folder", help="nnU-Net results folder (root, dataset or trainer__plans__configuration)")
+    parser.set_defaults(func=_check_model_folder)
 
 
 def register(subparsers: Any) -> None:
@@ -142,23 +168,24 @@ def register(subparsers: Any) -> None:
     inspect = nested.add_parser("inspect", help="describe a checkpoint of any supported format")
     inspect.add_argument("file")
     inspect.add_argument("--json", action="store_true", help="print JSON")
-    inspect.set_defaults(func=_guarded(_inspect))
+    inspect.set_defaults(func=_inspect)
 
     convert = nested.add_parser("convert", help="convert a checkpoint into ours for a target ViT")
     convert.add_argument("file")
     convert.add_argument("--out", required=True, help="output checkpoint (refused if it exists, unless --force)")
     convert.add_argument("--force", action="store_true", help="overwrite --out")
     _add_target_options(convert)
-    convert.set_defaults(func=_guarded(_convert))
+    convert.set_defaults(func=_convert)
 
     verify = nested.add_parser("verify", help="load a checkpoint into a target ViT and print the load report")
     verify.add_argument("file")
     _add_target_options(verify)
-    verify.set_defaults(func=_guarded(_verify))
+    verify.set_defaults(func=_verify)
 
     attach = nested.add_parser("attach", help="record weights in a plans configuration for nnUNetv2_train")
     attach.add_argument("plans_file")
     attach.add_argument("configuration")
     attach.add_argument("file")
     _add_conversion_options(attach)
-    attach.set_defaults(func=_guarded(_attach))
+    attach.set_defaults(func=_attach)
+    _register_check_model_folder(subparsers)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 import random
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from pumit_nnunet.checkpoints.format import atomic_torch_save
+from pumit_nnunet.checkpoints.format import CheckpointError, atomic_torch_save
+from pumit_nnunet.checkpoints.readers import torch_load_checked
 
 __all__ = ["save_checkpoint_atomic", "load_checkpoint", "capture_rng_state", "restore_rng_state"]
 
@@ -27,16 +27,12 @@ def save_checkpoint_atomic(path: str | os.PathLike, state: dict) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint with ``weights_only=True``; raise ``FileNotFoundError``/``ValueError`` naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # truncated zip, wrong format, pickled classes, ...
-        raise ValueError(f"checkpoint {path} cannot be read (truncated or not a weights-only torch file): {error}") from error
+    """A training state written by :func:`save_checkpoint_atomic`, read by the package's one weights-only loader
+    (:func:`~pumit_nnunet.checkpoints.readers.torch_load_checked`: ``FileNotFoundError`` or ``CheckpointError``,
+    a ``ValueError``, naming the file)."""
+    state = torch_load_checked(path, map_location=map_location)
     if not isinstance(state, dict):
-        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
+        raise CheckpointError(f"holds a {type(state).__name__}, expected a dict (a training state)", path)
     return state
 
 

@@ -1,12 +1,18 @@
-"""Tokenizer losses: L1 + LPIPS + the prior-distribution regulariser + a gated hinge GAN term (§2.4, §2.5).
+"""Tokenizer losses: L1 + LPIPS + the prior-distribution regulariser + a gated hinge GAN term (the paper's
+tokenizer objective, with the authors' README weights).
 
-The gate is a small pure state machine (:class:`GanGate`); the regulariser's aggregate distribution ``p̄`` is
-taken over the global batch across ranks (:func:`~pumit_nnunet.pretrain.distributed.all_gather_mean_keep_grad`).
+The gate is a small pure state machine (:class:`GanGate`). The regulariser's aggregate distribution ``p̄`` is taken
+across ranks (:func:`~pumit_nnunet.pretrain.distributed.all_gather_mean_keep_grad`), by default over every token
+of the global batch. The authors instead average the per-process means without weights; the two agree when every
+process holds as many tokens, and differ when the processes' crops differ in size (each rank draws its own crops,
+so their anisotropy and token counts can differ). Ours makes N processes compute exactly what one process holding
+the global batch computes, which is what the paper's formula p̄ = mean_i p_i says; ``prior_mean="processes"``
+gives the authors' average.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +44,8 @@ class TokenizerLossWeights:
         gan: fixed weight of the generator's hinge term.
         gan_threshold: the GAN term is on only while ``max(EMA, last)`` of the discriminator loss is at most this.
         max_perceptual_slices: random 2D slices per sample that LPIPS sees while training.
+        prior_mean: ``"tokens"`` (p̄ over every token of the global batch) or ``"processes"`` (the authors'
+            unweighted mean of the per-process means).
     """
 
     perceptual: float = 2.0  # the original: weight 1 on LPIPS x 2 (our LPIPS has no x 2)
@@ -46,9 +54,7 @@ class TokenizerLossWeights:
     gan: float = 3e-3
     gan_threshold: float = 0.025
     max_perceptual_slices: int = 24
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    prior_mean: str = "tokens"
 
 
 @dataclass
@@ -90,10 +96,14 @@ def generator_adversarial_loss(fake_logits: Tensor) -> Tensor:
     return -fake_logits.float().mean()
 
 
-def prior_regularisation(probs: Tensor, log_probs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(-H(p̄), mean_i H(p_i), p̄)`` for channel-last distributions ``(..., K)``; ``p̄`` over the global batch."""
+def prior_regularisation(probs: Tensor, log_probs: Tensor, prior_mean: str = "tokens") -> tuple[Tensor, Tensor, Tensor]:
+    """``(-H(p̄), mean_i H(p_i), p̄)`` for channel-last distributions ``(..., K)``; ``p̄`` across processes as
+    ``prior_mean`` says (``"tokens"``: count-weighted; ``"processes"``: the authors' unweighted mean of means)."""
+    if prior_mean not in ("tokens", "processes"):
+        raise ValueError(f"prior_mean must be 'tokens' or 'processes', got {prior_mean!r}")
     flat = probs.reshape(-1, probs.shape[-1])
-    mean_probs = all_gather_mean_keep_grad(flat.mean(0), count=flat.shape[0])
+    count = flat.shape[0] if prior_mean == "tokens" else None
+    mean_probs = all_gather_mean_keep_grad(flat.mean(0), count=count)
     return prior_entropy_loss(mean_probs), mean_token_entropy(probs, log_probs), mean_probs
 
 
@@ -109,7 +119,7 @@ def generator_loss(
         max_slices = weights.max_perceptual_slices if training else None
         terms["lpips"] = lpips(recon, x, max_slices=max_slices, generator=generator)
         total = total + weights.perceptual * terms["lpips"]
-    quant, ent, _ = prior_regularisation(out.probs, out.log_probs)
+    quant, ent, _ = prior_regularisation(out.probs, out.log_probs, weights.prior_mean)
     terms["quant"], terms["entropy"] = quant, ent
     total = total + weights.quant * quant + weights.entropy * ent
     if fake_logits is not None:

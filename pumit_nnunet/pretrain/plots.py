@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
+from types import ModuleType
 from typing import Sequence
 
 import numpy as np
 
-__all__ = ["plot_curves", "save_image_grid", "plot_histogram", "save_figure_atomic"]
+from pumit_nnunet.io import write_figure_atomic
+
+__all__ = ["plot_curves", "save_image_grid", "plot_histogram", "pyplot", "FIGURE_LOOK"]
+
+#: how these figures are saved (``Figure.savefig`` options for :func:`pumit_nnunet.io.write_figure_atomic`)
+FIGURE_LOOK = {"dpi": 100, "bbox_inches": "tight"}
 
 
-def _pyplot():
+def pyplot() -> ModuleType:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (unless one was chosen already): no display needed."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -21,23 +26,9 @@ def _pyplot():
     return plt
 
 
-def save_figure_atomic(fig, path: str | os.PathLike, dpi: int = 100) -> None:
-    """Save a matplotlib figure to a temp PNG beside ``path``, ``os.replace`` it into place, and close the figure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-        _pyplot().close(fig)
-
-
 def plot_curves(history: dict[str, list[tuple[int, float]]], path: str | os.PathLike, title: str = "") -> None:
     """One panel per curve (x = step), nnU-Net ``progress.png`` style; empty curves are skipped."""
-    plt = _pyplot()
+    plt = pyplot()
     names = [name for name, points in history.items() if points]
     fig, axes = plt.subplots(max(len(names), 1), 1, figsize=(10, 2.6 * max(len(names), 1)), squeeze=False)
     for ax, name in zip(axes[:, 0], names):
@@ -48,7 +39,7 @@ def plot_curves(history: dict[str, list[tuple[int, float]]], path: str | os.Path
     axes[-1, 0].set_xlabel("step")
     if title:
         fig.suptitle(title)
-    save_figure_atomic(fig, path)
+    write_figure_atomic(fig, path, **FIGURE_LOOK)
 
 
 def save_image_grid(
@@ -58,7 +49,7 @@ def save_image_grid(
     col_titles: Sequence[str] | None = None,
 ) -> None:
     """A grid of 2D grey images (each shown with its own [min, max] unless already in [0, 1])."""
-    plt = _pyplot()
+    plt = pyplot()
     n_rows, n_cols = len(rows), max((len(r) for r in rows), default=1)
     fig, axes = plt.subplots(max(n_rows, 1), n_cols, figsize=(2.4 * n_cols, 2.4 * max(n_rows, 1)), squeeze=False)
     for ax in axes.ravel():
@@ -75,7 +66,7 @@ def save_image_grid(
         if row_titles is not None and i < len(row_titles):
             axes[i, 0].text(-0.05, 0.5, row_titles[i], transform=axes[i, 0].transAxes, rotation=90,
                             ha="right", va="center", fontsize=8)
-    save_figure_atomic(fig, path)
+    write_figure_atomic(fig, path, **FIGURE_LOOK)
 
 
 def plot_histogram(values: Sequence[float] | np.ndarray, path: str | os.PathLike, title: str = "",
@@ -84,7 +75,7 @@ def plot_histogram(values: Sequence[float] | np.ndarray, path: str | os.PathLike
 
     ``vlines`` draws labelled vertical reference lines (e.g. ``{"log K": 6.93}``).
     """
-    plt = _pyplot()
+    plt = pyplot()
     values = np.asarray(values, dtype=np.float64).ravel()
     fig, ax = plt.subplots(figsize=(8, 3.5))
     if as_bars:
@@ -98,4 +89,4 @@ def plot_histogram(values: Sequence[float] | np.ndarray, path: str | os.PathLike
     ax.set_title(title)
     if xlabel:
         ax.set_xlabel(xlabel)
-    save_figure_atomic(fig, path)
+    write_figure_atomic(fig, path, **FIGURE_LOOK)

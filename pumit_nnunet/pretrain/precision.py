@@ -7,9 +7,10 @@ from typing import ContextManager
 
 import torch
 
-__all__ = ["PRECISIONS", "autocast_context", "make_grad_scaler"]
+from pumit_nnunet.pretrain.config import PRECISIONS
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+__all__ = ["PRECISIONS", "autocast_context", "default_precision", "make_grad_scaler"]
+
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -24,6 +25,13 @@ def autocast_context(device: torch.device, precision: str) -> ContextManager:
     if precision == "fp32" or torch.device(device).type != "cuda":
         return contextlib.nullcontext()
     return torch.autocast("cuda", dtype=_DTYPES[precision])
+
+
+def default_precision(device: torch.device | str) -> str:
+    """What fine-tuning runs in when nobody chose: ``bf16`` on CUDA (``fp16`` on GPUs without bf16), ``fp32`` on CPU."""
+    if torch.device(device).type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 def make_grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
