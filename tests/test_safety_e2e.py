@@ -98,7 +98,8 @@ def test_a_malicious_checkpoint_never_runs_on_any_path(nnunet_root, trained, tmp
         assert line.startswith(f"PUMIT trainer: error: {final}: refused: the file holds pickled objects"), line
     line = run_refused(["nnUNetv2_train", str(CT_ID), "3d_fullres", "1", "-tr", TRAINER, "-device", "cpu",
                         "-pretrained_weights", str(final)], env)
-    assert line.startswith("PUMIT trainer: error: -pretrained_weights not loaded: ") and "pickled objects" in line, line
+    assert line.startswith(f"PUMIT trainer: error: {final}: -pretrained_weights not loaded: refused: the file holds "
+                           "pickled objects"), line
     assert not list((_model_folder(results) / "fold_1").glob("checkpoint_*.pth"))
     line = run_refused(["pumit-nnunet", "check-model-folder", str(results)], env)
     assert line.startswith(f"pumit-nnunet check-model-folder: error: {final}: refused"), line
