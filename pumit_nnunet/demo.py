@@ -5,8 +5,8 @@ The task: the lung fields of a chest CT (a threshold label: air inside the body,
 seen in training). The scans are the pyradiomics 3.0.1 source distribution's, fetched once by
 ``pumit_nnunet.data`` (pip, cached, verified). The demo then runs nnU-Net's own commands:
 ``nnUNetv2_plan_and_preprocess``, ``nnUNetv2_train -tr nnUNetTrainer_demo`` (nnU-Net's default trainer and
-U-Net) and ``-tr PumitTrainer_T_demo`` (the tiny PUMIT ViT) on the same plans, patch (16x48x64), batch (2),
-iteration budget (6 epochs x 25 iterations) and seed, then ``nnUNetv2_predict`` on the held-out scan with each,
+U-Net) and ``-tr PumitTrainer_T_demo`` (the tiny PUMIT ViT) on the same plans, patch (32x64x64 on the lung task), batch (2),
+iteration budget (4 epochs x 20 iterations) and seed, then ``nnUNetv2_predict`` on the held-out scan with each,
 and prints one table: Dice, HD95, training and prediction time per trainer, whatever the numbers are.
 
   --weights FILE  also fine-tunes the PUMIT trainer from pre-trained ViT-T weights (any format
