@@ -41,9 +41,10 @@ class DemoBudget:
         return self.epochs * self.iterations
 
 
-#: ``standard``: what ``pumit-nnunet demo`` trains (measured 8m50s cold on 2 idle cores); ``quick``: a pipeline
-#: check (the demo's test). ``patch_cap`` bounds the PUMIT trainer's patch, and the baseline takes the PUMIT
-#: trainer's final patch; the demo prints the patch both trained with (32x64x64 on the lung task).
+#: ``standard``: what ``pumit-nnunet demo`` trains (its measured time is in the README); ``quick``: a pipeline
+#: check (the demo's test). ``patch_cap`` bounds the PUMIT trainer's patch, never below one patch divisor (so 32
+#: slices, not 16, on the lung task: aniso_d 0 needs depth multiples of 32); the baseline takes the PUMIT trainer's
+#: final patch, and the demo prints the patch both trained with (32x64x64 there).
 DEMO_BUDGETS: dict[str, DemoBudget] = {
     "standard": DemoBudget(epochs=4, iterations=20, val_iterations=2, patch_cap=(16, 64, 64), batch_size=2),
     "quick": DemoBudget(epochs=1, iterations=3, val_iterations=1, patch_cap=(16, 64, 64), batch_size=2),
