@@ -133,12 +133,13 @@ def default_unet_plans(spacing: Sequence[float], patch_size: Sequence[int]) -> d
             "foreground_intensity_properties_per_channel": {"0": ct_window_intensity_properties(-175, 250)}}
 
 
-def pumit_plans(stock: dict[str, Any], vit: str) -> dict[str, Any]:
-    """The stock plans as a PUMIT trainer adapts them (token-aligned patch, PumitSegNet architecture)."""
+def pumit_plans(stock: dict[str, Any], vit: str, decoder: str = "authors") -> dict[str, Any]:
+    """The stock plans as a PUMIT trainer adapts them (token-aligned patch, PumitSegNet architecture) with the
+    decoder preset ``decoder`` (``authors``: the trainers' default; ``lite``: widths capped at 320)."""
     from pumit_nnunet.nnunet.plans import adapt_configuration
 
     plans = copy.deepcopy(stock)
-    adapt_configuration(plans, "3d_fullres", vit)
+    adapt_configuration(plans, "3d_fullres", vit, arch_overrides={"decoder": decoder})
     return plans
 
 

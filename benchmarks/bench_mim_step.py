@@ -74,11 +74,14 @@ class PeakMemory:
 
 def _time(fn, device, warmup: int, iters: int) -> tuple[float, float]:
     """Median seconds per call, and the peak memory of the timed calls."""
+    memory = PeakMemory(device)
+    if device.type != "cuda":  # resident memory freed after warm-up stays mapped: count from before it
+        memory.reset()
     for _ in range(warmup):
         fn()
     _sync(device)
-    memory = PeakMemory(device)
-    memory.reset()
+    if device.type == "cuda":
+        memory.reset()
     times = []
     for _ in range(iters):
         start = time.perf_counter()

@@ -4,7 +4,9 @@
 Per case = nnU-Net's ``nnUNetPredictor.predict_single_npy_array`` (set up with ``manual_initialization``):
 preprocessing (resampling to 3 x 0.75 x 0.75 mm, CT window), the sliding window (Gaussian blending) and the
 resampling of the logits back to the case's geometry. Printed as ratios measured in the same run: with/without
-TTA for each network, and PUMIT/default for each setting. Randomly initialised weights (time does not depend
+TTA for each network, and PUMIT/default for each setting, for the authors' decoder widths (the trainers' default)
+and the ``lite`` decoder. Then the profile of one tile's forward pass (no grad), part by part, as a fraction of
+nnU-Net's whole forward: where PUMIT's extra time goes. Randomly initialised weights (time does not depend
 on them). Default: ViT-B, patch 48x192x192, the whole ``lung1`` CT, CUDA when available (nnU-Net's own
 autocast); ``--quick``: ViT-S, patch 16x64x64, the case cropped, a few CPU minutes.
 Run: ``python benchmarks/bench_prediction_tta.py [--quick] [--device cpu] [--repeats N]``.
@@ -12,8 +14,10 @@ Run: ``python benchmarks/bench_prediction_tta.py [--quick] [--device cpu] [--rep
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -29,22 +33,53 @@ def case_predictions(plans: dict, image, properties, config: common.BenchConfig)
             for tta in (False, True)}
 
 
+def forward_parts(network: torch.nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """One tile's forward split into its parts (each call runs its part on inputs computed once beforehand)."""
+    if hasattr(network, "backbone_maps"):  # PumitSegNet: backbone, neck, decoder
+        features = network.backbone_maps(x)
+        pyramid = network.neck(features)
+        return {"ViT backbone": lambda: network.backbone_maps(x), "neck": lambda: network.neck(features),
+                "decoder": lambda: network.decoder(x, pyramid)}
+    skips = network.encoder(x)  # dynamic_network_architectures' UNet: encoder, decoder
+    return {"encoder": lambda: network.encoder(x), "decoder": lambda: network.decoder(skips)}
+
+
+def profile_rows(networks: dict[str, dict], config: common.BenchConfig) -> list[tuple]:
+    """Per network and part: median seconds of one tile's forward and its fraction of nnU-Net's whole forward."""
+    calls: dict[tuple[str, str], Callable[[], object]] = {}
+    for name, plans in networks.items():
+        torch.manual_seed(0)
+        network = common.network_from_plans(plans, False).to(config.device).eval()
+        x = torch.randn(1, 1, *plans["configurations"]["3d_fullres"]["patch_size"], device=config.device)
+        with torch.no_grad():
+            calls[name, "whole forward"] = lambda n=network, x=x: n(x)
+            calls.update({(name, part): fn for part, fn in forward_parts(network, x).items()})
+    with torch.no_grad(), config.autocast:
+        seconds = common.interleaved_median_seconds(calls, dataclasses.replace(config, repeats=7))
+    reference = seconds["nnU-Net default", "whole forward"]
+    return [(name, part, s * 1e3, s / reference) for (name, part), s in seconds.items()]
+
+
 def main(argv=None) -> int:
     config, stock, ours = common.setup(argv, __doc__.split("\n\n")[0])
     print(common.describe(config, ours["configurations"]["3d_fullres"]["patch_size"]))
     image, properties = common.load_case(config)
     print(f"case: {image.shape[1:]} voxels at {[round(s, 3) for s in properties['spacing']]} mm; tile step {config.step}")
 
-    networks = {f"PUMIT ViT-{config.vit}": ours, "nnU-Net default": stock}
+    lite = common.pumit_plans(stock, config.vit, "lite")
+    networks = {f"PUMIT ViT-{config.vit}": ours, f"PUMIT ViT-{config.vit} lite decoder": lite, "nnU-Net default": stock}
     calls = {(name, tta): fn for name, plans in networks.items()
              for tta, fn in case_predictions(plans, image, properties, config).items()}
     seconds = common.interleaved_median_seconds(calls, config)
     rows = [(name, seconds[name, False], seconds[name, True], seconds[name, True] / seconds[name, False])
             for name in networks]
     common.print_table(["network", "no TTA (s/case)", "8-flip TTA (s/case)", "with/without TTA"], rows)
-    ours_name, ref_name = networks
-    for tta, label in ((False, "no TTA"), (True, "8-flip TTA")):
-        print(f"{label:<10}  PUMIT/nnU-Net default: {seconds[ours_name, tta] / seconds[ref_name, tta]:.3f}")
+    *ours_names, ref_name = networks
+    for name in ours_names:
+        for tta, label in ((False, "no TTA"), (True, "8-flip TTA")):
+            print(f"{label:<10}  {name} / nnU-Net default: {seconds[name, tta] / seconds[ref_name, tta]:.3f}")
+    print("\none tile's forward, no grad (fraction: of nnU-Net default's whole forward)")
+    common.print_table(["network", "part", "ms", "fraction"], profile_rows(networks, config))
     return 0
 
 

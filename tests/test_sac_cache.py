@@ -111,6 +111,20 @@ def test_frozen_tokenizer_with_grad_enabled_uses_the_cache_and_backpropagates_to
     assert len(conv.kernel_cache.entries) == 2  # one inference-mode entry, one ordinary entry
 
 
+def test_module_built_under_inference_mode_is_not_cached_and_sees_in_place_changes() -> None:
+    """Inference-tensor parameters have no version counter, so no entry could notice an in-place update."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 2, 8, 8)
+    with torch.inference_mode():
+        conv = SpatiallyAdaptiveConv3d(2, 4, 3, padding=1)
+        first = conv(x, 2)
+        conv.weight.add_(1.0)
+        second = conv(x, 2)
+        torch.testing.assert_close(second, _reference_conv(conv, x, 2, 0), rtol=0, atol=0)
+    assert conv.kernel_cache.entries == {}
+    assert not torch.allclose(first, second)
+
+
 def test_compiled_forward_bypasses_the_cache() -> None:
     torch.manual_seed(0)
     conv = SpatiallyAdaptiveConv3d(2, 4, 3, padding=1)

@@ -45,6 +45,9 @@ class FrozenCache:
             return None
         if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
             return None
+        # parameters created under inference_mode have no version counter: an in-place change would go unseen
+        if weight.is_inference() or (bias is not None and bias.is_inference()):
+            return None
         # entries made under inference_mode are inference tensors: keep them apart from ordinary no-grad calls
         return (*config, dtype, torch.is_inference_mode_enabled(), tensor_state(weight), tensor_state(bias))
 

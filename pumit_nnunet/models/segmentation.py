@@ -140,16 +140,18 @@ class PumitSegNet(nn.Module):
             x = x * self.input_affine[0] + self.input_affine[1]
         if self.spatial_dims == 2:
             x = x.unsqueeze(2)
-        features = self.backbone.forward_features(x, self.aniso_d)
-        grid = self.backbone.token_grid(x.shape[2:], self.aniso_d)
-        maps = [
-            features[i][:, self.backbone.num_prefix_tokens:].transpose(1, 2).reshape(x.shape[0], -1, *grid)
-            for i in self.backbone.config.out_indices
-        ]
-        out = self.decoder(x, self.neck(maps))
+        out = self.decoder(x, self.neck(self.backbone_maps(x)))
         if self.spatial_dims == 2:
             return [o.squeeze(2) for o in out] if isinstance(out, list) else out.squeeze(2)
         return out
+
+    def backbone_maps(self, x: Tensor) -> list[Tensor]:
+        """The outputs of the backbone blocks in ``out_indices`` as ``(B, C, *token_grid)`` maps (the neck's
+        input) for a 5D input ``x`` (after ``input_affine``)."""
+        features = self.backbone.forward_features(x, self.aniso_d)
+        grid = self.backbone.token_grid(x.shape[2:], self.aniso_d)
+        return [features[i][:, self.backbone.num_prefix_tokens:].transpose(1, 2).reshape(x.shape[0], -1, *grid)
+                for i in self.backbone.config.out_indices]
 
     def no_weight_decay(self) -> set[str]:
         """The backbone's no-decay parameters, named from here (under the declared :attr:`key_to_encoder`)."""
