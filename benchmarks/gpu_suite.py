@@ -40,7 +40,7 @@ import copy
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -190,8 +190,8 @@ def measure_seg(build: Callable[[], nn.Module], compiled: bool, patch: Sequence[
     network = build().to(device).train()
     model = torch.compile(network, backend=size.compile_backend) if compiled else network
     step = SegStep(network, model, torch.randn(size.batch, 1, *patch, device=device), config.autocast)
-    first = common.median_seconds(step, common.BenchConfig(**{**asdict(config), "repeats": 1, "warmup": 0}))
-    seconds = common.median_seconds(step, common.BenchConfig(**{**asdict(config), "warmup": config.warmup - 1}))
+    first = common.median_seconds(step, replace(config, repeats=1, warmup=0))
+    seconds = common.median_seconds(step, replace(config, warmup=config.warmup - 1))
     result = {"s": seconds, "params": sum(p.numel() for p in network.parameters()), "compile_s": first - seconds}
     if cuda:
         result["memory"] = float(torch.cuda.max_memory_allocated(device) - base)
@@ -307,7 +307,7 @@ def predict_rows(size: SuiteSize, config: common.BenchConfig, results: dict) -> 
     networks = {f"PUMIT ViT-{size.vit}": ours, "nnU-Net default": stock}
     calls = {(name, tta): fn for name, plans in networks.items()
              for tta, fn in prediction_calls(plans, common.preprocess(plans, image, properties), config).items()}
-    seconds = common.interleaved_median_seconds(calls, replace_repeats(config, size.predict_repeats))
+    seconds = common.interleaved_median_seconds(calls, replace(config, repeats=size.predict_repeats))
     results["predict"] = {f"{name} tta={tta}": s for (name, tta), s in seconds.items()}
     ours_name, ref_name = networks
     case = f"{common.CASE[1]} {'x'.join(map(str, image.shape[1:]))}"
@@ -315,9 +315,6 @@ def predict_rows(size: SuiteSize, config: common.BenchConfig, results: dict) -> 
                 f"{ref_name}, {label}", seconds[ours_name, tta] / seconds[ref_name, tta], case)
             for tta, label in ((False, "no TTA"), (True, "8-flip TTA"))]
 
-
-def replace_repeats(config: common.BenchConfig, repeats: int) -> common.BenchConfig:
-    return common.BenchConfig(**{**asdict(config), "repeats": repeats})
 
 
 # -- the run ---------------------------------------------------------------------------------------------------
